@@ -1,0 +1,59 @@
+# ViT Serve — `make serve` serves the default model, `make test` runs every test.
+# Both create .venv and install the pinned dependencies first if needed.
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+HOST   ?= 127.0.0.1
+PORT   ?= 3000
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install serve test test-unit test-http test-integration test-e2e lint format typecheck \
+        train import-model bench loadtest clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements-dev.txt -c constraints.txt
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the pinned dependencies
+
+serve: $(STAMP) ## Serve the default model on $(HOST):$(PORT) (VIT_* variables configure it)
+	$(VENV)/bin/bentoml serve service.service:VitClassifier --host $(HOST) --port $(PORT)
+
+test: $(STAMP) lint ## Lint, then run the whole suite (unit, http, integration, e2e)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP) ## Unit tests only
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-http: $(STAMP) ## In-process HTTP tests only
+	$(PY) -m pytest tests/http $(PYTEST_ARGS)
+
+test-integration: $(STAMP) ## Tests against a real bentoml serve
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff lint + format check, mypy on service/
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP) ## Apply ruff format and safe fixes
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+train: $(STAMP) ## Retrain the default checkpoint into models/vit-digits
+	$(PY) -m models.train_digits --out models/vit-digits
+
+import-model: $(STAMP) ## Put SOURCE into the BentoML model store as NAME (make import-model SOURCE=... NAME=...)
+	$(PY) -m models.import_model "$(SOURCE)" --name "$(NAME)"
+
+clean: ## Remove caches and results (keeps .venv)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache results

@@ -1,0 +1,90 @@
+"""Run a real ``bentoml serve`` of the service on a free loopback port (tests, benchmarks)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+__all__ = ["Server", "free_port", "serve"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running service: its base URL and its log file."""
+
+    url: str
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def log_text(self) -> str:
+        """Everything the server has logged so far."""
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def serve(
+    env: dict[str, str],
+    log_dir: Path,
+    *,
+    ready_timeout_s: float = 180.0,
+    port: int | None = None,
+) -> Iterator[Server]:
+    """Start ``bentoml serve service.service:VitClassifier``; yield once /readyz answers 200."""
+    port = port or free_port()
+    log = log_dir / f"serve-{port}.log"
+    full_env = {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "true",
+        "PYTHONUNBUFFERED": "1",
+        **env,
+    }
+    command = [sys.executable, "-m", "bentoml", "serve", "service.service:VitClassifier",
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=full_env, stdout=sink, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    server = Server(f"http://127.0.0.1:{port}", log, process)
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited early:\n{server.log_text()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"not ready in {ready_timeout_s} s:\n{server.log_text()[-4000:]}"
+                )
+            time.sleep(0.25)
+        yield server
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)

@@ -1,0 +1,189 @@
+"""Fuses concurrent requests into batches for one model worker thread.
+
+Policy (measured against BentoML's adaptive dispatcher, see docs/ARCHITECTURE.md):
+- The model runs one batch at a time on a dedicated thread; everything that arrives meanwhile
+  queues and goes out together in the next batch, up to ``max_batch_size`` images.
+- When the model is idle, a batch leaves at once unless more requests are still being decoded
+  (``arriving``); then it waits for them at most ``max_wait_s``. A lone request never waits, and
+  nothing is learned from past load, so a burst leaves no lasting delay behind it.
+- The queue is bounded: past ``max_queue`` waiting images, ``submit`` raises ``Overloaded`` at
+  once (the HTTP layer answers 503 with Retry-After) instead of letting latency grow unbounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+__all__ = ["BatchStats", "MicroBatcher", "Overloaded"]
+
+_logger = logging.getLogger(__name__)
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+class Overloaded(Exception):
+    """The queue is full; retry after ``retry_after_s``."""
+
+    def __init__(self, queued: int, retry_after_s: float) -> None:
+        super().__init__(f"{queued} images are already waiting for the model; retry shortly.")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one dispatched batch looked like, for metrics."""
+
+    size: int
+    waits_s: list[float]  # per item: time from enqueue to the batch starting
+    run_s: float
+
+
+@dataclass
+class _Pending(Generic[In, Out]):
+    item: In
+    future: asyncio.Future[tuple[Out, float]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher(Generic[In, Out]):
+    """An asyncio front to a blocking ``run_batch(items) -> outputs`` on one worker thread.
+
+    Args:
+        run_batch: Runs a list of items and returns one output per item, in order.
+        max_batch_size: Most items per call of ``run_batch``.
+        max_wait_s: Longest an idle model waits for requests still being decoded.
+        max_queue: Most items waiting; more raise ``Overloaded``.
+        on_batch: Called (on the event loop) with each batch's stats.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[In]], Sequence[Out]],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < max_batch_size or max_wait_s < 0:
+            raise ValueError(
+                "need max_batch_size >= 1, max_queue >= max_batch_size and max_wait_s >= 0"
+            )
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._on_batch = on_batch
+        self._queue: deque[_Pending[In, Out]] = deque()
+        self._arriving = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vit-model")
+        self._last_run_s = 0.0
+
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch."""
+        return len(self._queue)
+
+    @contextmanager
+    def arriving(self, count: int = 1) -> Iterator[None]:
+        """Announce requests that are being decoded and will submit shortly."""
+        self._arriving += count
+        try:
+            yield
+        finally:
+            self._arriving -= count
+            self._notify()
+
+    async def submit(self, items: Sequence[In]) -> list[tuple[Out, float]]:
+        """Queue items (one request's images) and wait for (output, queue seconds) of each."""
+        if not items:
+            return []
+        self._ensure_started()
+        if len(self._queue) + len(items) > self.max_queue:
+            batches_ahead = len(self._queue) / self.max_batch_size + 1
+            raise Overloaded(len(self._queue), max(1.0, batches_ahead * self._last_run_s))
+        loop = asyncio.get_running_loop()
+        pending = [_Pending[In, Out](item, loop.create_future()) for item in items]
+        self._queue.extend(pending)
+        self._notify()
+        return list(await asyncio.gather(*(p.future for p in pending)))
+
+    def _ensure_started(self) -> None:
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="vit-batcher")
+
+    def _notify(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def _loop(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._gather_more()
+            batch = [
+                self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch_size))
+            ]
+            batch = [p for p in batch if not p.future.cancelled()]
+            if not batch:
+                continue
+            started = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(
+                    self._executor, self._run_batch, [p.item for p in batch]
+                )
+            except Exception as exc:  # the batch failed as a whole: each caller gets the error
+                _logger.exception("batch of %d failed", len(batch))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            self._last_run_s = time.perf_counter() - started
+            waits = [started - p.enqueued for p in batch]
+            for p, out, wait in zip(batch, outputs, waits, strict=True):
+                if not p.future.done():
+                    p.future.set_result((out, wait))
+            if self._on_batch is not None:
+                self._on_batch(BatchStats(len(batch), waits, self._last_run_s))
+
+    async def _gather_more(self) -> None:
+        """Wait (bounded) for requests still decoding, if the batch has room for them."""
+        assert self._wakeup is not None
+        if self.max_wait_s <= 0:
+            return
+        deadline = self._queue[0].enqueued + self.max_wait_s
+        while self._arriving > 0 and len(self._queue) < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def aclose(self) -> None:
+        """Stop the loop; queued callers get CancelledError."""
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+        for p in self._queue:
+            p.future.cancel()
+        self._queue.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,111 @@
+"""Turns raw model outputs into what a person reads: top-k labels, patch boxes, heatmaps.
+
+Geometry: the model saw the crop window ``crop_window(h, w)`` of the image, resized to the input
+size; patch (row, col) covers input pixels [col·pw, (col+1)·pw) × [row·ph, (row+1)·ph). Mapping
+those through the crop window gives boxes in the original upload's pixel coordinates.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .engine import crop_window
+from .imaging import DecodedImage
+from .loading import ModelInfo
+
+__all__ = ["heatmap_png", "patch_box", "top_k", "top_patches"]
+
+# A perceptual dark-to-bright ramp (magma-like), 256 entries, made once.
+_STOPS = np.array(
+    [
+        [0, 0, 4],
+        [59, 15, 112],
+        [140, 41, 129],
+        [222, 73, 104],
+        [254, 159, 109],
+        [252, 253, 191],
+    ],
+    dtype=np.float32,
+)
+_LUT = np.stack(
+    [
+        np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_STOPS)), _STOPS[:, c])
+        for c in range(3)
+    ],
+    axis=1,
+).astype(np.uint8)
+
+
+def top_k(probs: np.ndarray, k: int, labels: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The k most probable classes, highest first."""
+    k = min(k, probs.shape[0])
+    index = np.argpartition(-probs, k - 1)[:k]
+    index = index[np.argsort(-probs[index], kind="stable")]
+    return [{"index": int(i), "label": labels[i], "score": float(probs[i])} for i in index]
+
+
+def patch_box(row: int, col: int, info: ModelInfo, width: int, height: int) -> list[float]:
+    """Patch (row, col) as [x0, y0, x1, y1] in the original image, clipped to it."""
+    cx0, cy0, cx1, cy1 = crop_window(height, width, info)
+    in_h, in_w = info.input_size[1], info.input_size[2]
+    ph, pw = info.patch_size
+    sx, sy = (cx1 - cx0) / in_w, (cy1 - cy0) / in_h
+    x0, x1 = cx0 + col * pw * sx, cx0 + (col + 1) * pw * sx
+    y0, y1 = cy0 + row * ph * sy, cy0 + (row + 1) * ph * sy
+    return [
+        round(min(max(x0, 0.0), width), 2),
+        round(min(max(y0, 0.0), height), 2),
+        round(min(max(x1, 0.0), width), 2),
+        round(min(max(y1, 0.0), height), 2),
+    ]
+
+
+def top_patches(
+    weights: np.ndarray, count: int, info: ModelInfo, width: int, height: int
+) -> list[dict[str, Any]]:
+    """The ``count`` most-attended patches with their boxes in original pixels."""
+    flat = weights.reshape(-1)
+    count = min(count, flat.shape[0])
+    order = np.argsort(-flat, kind="stable")[:count]
+    cols = info.grid[1]
+    return [
+        {
+            "index": int(i),
+            "row": int(i // cols),
+            "col": int(i % cols),
+            "attention": float(flat[i]),
+            "box": patch_box(int(i // cols), int(i % cols), info, width, height),
+        }
+        for i in order
+    ]
+
+
+def heatmap_png(image: DecodedImage, weights: np.ndarray, info: ModelInfo) -> str:
+    """Base64 PNG of the attention heatmap blended over the image, at the original size."""
+    pixels = image.pixels
+    h, w = pixels.shape[:2]
+    x0, y0, x1, y1 = crop_window(h, w, info)
+    rows, cols = weights.shape
+    col_of = np.floor((np.arange(w) + 0.5 - x0) * cols / (x1 - x0)).astype(np.int64)
+    row_of = np.floor((np.arange(h) + 0.5 - y0) * rows / (y1 - y0)).astype(np.int64)
+    inside = (row_of[:, None] >= 0) & (row_of[:, None] < rows)
+    inside = inside & (col_of[None, :] >= 0) & (col_of[None, :] < cols)
+    peak = float(weights.max()) or 1.0
+    level = (weights / peak)[np.clip(row_of, 0, rows - 1)[:, None], np.clip(col_of, 0, cols - 1)]
+    level = np.where(inside, level, 0.0)
+    color = _LUT[(level * 255).astype(np.uint8)].astype(np.float32)
+    # Parts the model never saw stay visible but dimmed; seen parts blend by attention.
+    alpha = np.where(inside, 0.35 + 0.4 * level, 0.0)[..., None]
+    dim = np.where(inside, 1.0, 0.5)[..., None]
+    blended = pixels.astype(np.float32) * dim * (1 - alpha) + color * alpha
+    out = Image.fromarray(blended.clip(0, 255).astype(np.uint8), "RGB")
+    if (out.width, out.height) != (image.width, image.height):
+        out = out.resize((image.width, image.height), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    out.save(buffer, format="PNG", compress_level=3)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

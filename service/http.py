@@ -1,0 +1,109 @@
+"""Reads a classification request off the wire: body limit, multipart or raw image, fields.
+
+The body is counted as it streams in, so an oversized upload is refused with 413 after at most
+``max_body_bytes`` have been read, whatever Content-Length claims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect, Request
+
+from .api import ApiError, Upload
+
+__all__ = ["ParsedRequest", "read_request"]
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """The files under one field name, and every plain field (form fields, then query)."""
+
+    uploads: list[Upload]
+    fields: dict[str, str]
+    file_count: int
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "body_too_large", f"The request body exceeds {limit} bytes.")
+
+
+async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise _too_large(limit)
+        yield chunk
+
+
+async def read_request(
+    request: Request,
+    *,
+    file_field: str,
+    max_files: int,
+    max_body_bytes: int,
+) -> ParsedRequest:
+    """Parse a multipart form (or a raw ``image/*`` body) within the limits.
+
+    Raises:
+        ApiError: 413 for too large a body or too many files, 415 for a content type that is
+            neither, 400 for malformed multipart or no file under ``file_field``.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise _too_large(max_body_bytes)
+    fields = {k: v for k, v in request.query_params.items()}
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";")[0].strip().lower()
+    try:
+        if media_type.startswith("image/") or media_type == "application/octet-stream":
+            body = b"".join([chunk async for chunk in _limited(request, max_body_bytes)])
+            return ParsedRequest([Upload(body, None)], fields, 1)
+        if media_type != "multipart/form-data":
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"Send multipart/form-data with the image in field '{file_field}' "
+                f"(or a raw image/* body), not {media_type or 'no content type'}.",
+            )
+        parser = MultiPartParser(
+            request.headers,
+            _limited(request, max_body_bytes),
+            max_files=max_files + 1,
+            max_fields=64,
+        )
+        form = await parser.parse()
+    except MultiPartException as exc:
+        if "Too many files" in exc.message:
+            raise ApiError(
+                413, "too_many_images", f"At most {max_files} images per request."
+            ) from exc
+        raise ApiError(
+            400, "malformed_multipart", f"Malformed multipart body: {exc.message}"
+        ) from exc
+    except ClientDisconnect as exc:
+        raise ApiError(400, "client_disconnected", "The client went away mid-upload.") from exc
+
+    try:
+        uploads: list[Upload] = []
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key == file_field:
+                    uploads.append(Upload(await value.read(), value.filename))
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    if len(uploads) > max_files:
+        raise ApiError(413, "too_many_images", f"At most {max_files} images per request.")
+    if not uploads:
+        raise ApiError(
+            400,
+            "missing_image",
+            f"No file in form field '{file_field}': upload the image as multipart/form-data.",
+        )
+    return ParsedRequest(uploads, fields, len(uploads))

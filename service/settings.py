@@ -1,0 +1,91 @@
+"""Service settings: one object, read once from the environment (prefix ``VIT_``), passed down.
+
+Nothing else in the service reads the environment. Every field is documented in the README's
+settings table (``tests/unit/test_settings.py`` keeps the two in step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEFAULT_MODEL", "REPO_ROOT", "Settings", "load_settings"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = f"local-dir:{REPO_ROOT / 'models' / 'vit-digits'}"
+
+AttentionMode = Literal["none", "cls", "rollout"]
+
+
+class Settings(BaseSettings):
+    """Everything an operator can tune, with safe defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="VIT_", extra="ignore", frozen=True)
+
+    # --- model -------------------------------------------------------------------------
+    model: str = Field(
+        DEFAULT_MODEL,
+        description=(
+            "Model source: 'local-dir:PATH', 'hf-hub:ORG/NAME', 'ARCH@FILE' (timm architecture "
+            "+ .safetensors/.pth/.bin), or 'bento:NAME[:VERSION]' (BentoML model store)."
+        ),
+    )
+    device: str = Field("auto", description="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' = bfloat16 where the hardware runs it fast, else float32."
+    )
+    torch_threads: int = Field(0, ge=0, description="Intra-op CPU threads; 0 = all cores.")
+
+    workers: int = Field(1, ge=1, le=64, description="Worker processes, each with its own model.")
+    request_timeout_s: int = Field(60, ge=1, description="Per-request timeout (BentoML traffic).")
+    access_log: bool = Field(True, description="Log each HTTP request.")
+
+    # --- batching ----------------------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Most images per forward pass.")
+    max_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description=(
+            "Longest a batch waits for more images, and only while more requests are being "
+            "decoded; a lone request never waits."
+        ),
+    )
+    max_queue_images: int = Field(
+        512, ge=1, description="Images waiting for the model beyond which requests get 503."
+    )
+
+    # --- request limits ----------------------------------------------------------------
+    max_images_per_request: int = Field(32, ge=1, description="Most images in /classify_batch.")
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    max_pixels: int = Field(40_000_000, ge=1, description="Largest image, width × height.")
+    min_side: int = Field(8, ge=1, description="Smallest image side accepted (422 below).")
+    max_aspect_ratio: float = Field(20.0, ge=1.0, description="Widest aspect ratio accepted.")
+    default_top_k: int = Field(5, ge=1, description="top_k when the request gives none.")
+    default_attention: AttentionMode = Field("cls", description="Attention mode by default.")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"VIT_DEVICE must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {value!r}")
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.max_queue_images < self.max_batch_size:
+            raise ValueError(
+                f"VIT_MAX_QUEUE_IMAGES ({self.max_queue_images}) must be at least "
+                f"VIT_MAX_BATCH_SIZE ({self.max_batch_size})"
+            )
+        return self
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment, once per process."""
+    return Settings()

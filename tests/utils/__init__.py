@@ -1,0 +1,76 @@
+"""Test helpers: tiny ViT checkpoints written to a folder, images made in memory."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+__all__ = ["TINY_ARGS", "encode", "make_tiny_dir", "tiny_model"]
+
+# Small enough to build in milliseconds; 32 px input, patch 8 -> grid 4x4.
+TINY_ARGS: dict[str, Any] = {
+    "img_size": 32,
+    "patch_size": 8,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "num_classes": 7,
+}
+
+
+def tiny_model(architecture: str = "vit_tiny_patch16_224", seed: int = 0, **overrides: Any) -> Any:
+    """A randomly initialised, small member of the ViT family."""
+    torch.manual_seed(seed)
+    args = {**TINY_ARGS, **overrides}
+    return timm.create_model(architecture, pretrained=False, **args).eval()
+
+
+def make_tiny_dir(
+    folder: Path,
+    architecture: str = "vit_tiny_patch16_224",
+    seed: int = 0,
+    pretrained_cfg: dict[str, Any] | None = None,
+    label_names: list[str] | None = None,
+    **overrides: Any,
+) -> Any:
+    """Write a timm hub folder (config.json + model.safetensors); return the model."""
+    model = tiny_model(architecture, seed, **overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    args = {**TINY_ARGS, **overrides}
+    cfg = {
+        "input_size": [3, args["img_size"], args["img_size"]],
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "num_classes": args["num_classes"],
+        **(pretrained_cfg or {}),
+    }
+    config: dict[str, Any] = {
+        "architecture": architecture,
+        "num_classes": args["num_classes"],
+        "model_args": args,
+        "pretrained_cfg": cfg,
+    }
+    if label_names is not None:
+        config["label_names"] = label_names
+    (folder / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    return model
+
+
+def encode(array: np.ndarray, fmt: str = "PNG", **save_args: Any) -> bytes:
+    """Encode an RGB uint8 array as image bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()

@@ -10,8 +10,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD PATH=$PWD/.gpu/bin:$PATH PYTHONUNBUFFERED=1 BENTOML_DO_NOT_TRACK=true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, timm, bentoml; print(torch.__version__, timm.__version__, bentoml.__version__)"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/unit/test_gpu.py tests/unit/test_engine.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_gpu.py tests/unit/test_engine.py \
   tests/unit/test_precision.py 2>&1 | tee "$OUT/tests.txt"
-timeout 420 python3 -m loadtests.bench gpu --seconds "${BENCH_SECONDS:-5}" 2>&1 | tee "$OUT/bench.txt"
+timeout 380 python3 -m loadtests.bench gpu --seconds "${BENCH_SECONDS:-5}" 2>&1 | tee "$OUT/bench.txt"
 cp results/bench-gpu.json results/bench-gpu.md "$OUT/" 2>/dev/null
 exit 0

@@ -8,10 +8,12 @@ import time. Gauges declare how worker values combine.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["STAGES", "Metrics", "create_metrics"]
+__all__ = ["STAGES", "Metrics", "create_metrics", "drop_unknown_endpoints"]
 
 STAGES = ("decode", "queue", "preprocess", "forward", "attention", "postprocess")
 
@@ -104,3 +106,20 @@ def create_metrics(max_batch_size: int) -> Metrics:
             multiprocess_mode="livesum",
         ),
     )
+
+
+_ENDPOINT = re.compile(r'endpoint="([^"]*)"')
+
+
+def drop_unknown_endpoints(exposition: str, known: Collection[str]) -> str:
+    """Remove series whose ``endpoint`` label is not a real route.
+
+    BentoML's HTTP traffic metrics label every request with its raw path, so a scan of random
+    URLs would add a series per URL; only routes the service serves are exposed.
+    """
+    kept = []
+    for line in exposition.splitlines(keepends=True):
+        match = None if line.startswith("#") else _ENDPOINT.search(line)
+        if match is None or match.group(1) in known:
+            kept.append(line)
+    return "".join(kept)

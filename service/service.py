@@ -8,6 +8,7 @@ calls ``service.api.Classifier`` and maps its errors to JSON statuses. Run with
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse
 
 from .api import ApiError, Classifier, parse_options
 from .http import read_request
+from .metrics import create_metrics, drop_unknown_endpoints
 from .schemas import BatchItem, ClassifyResponse, ErrorResponse, ModelResponse
 from .settings import load_settings
 
@@ -30,9 +32,13 @@ _logger = logging.getLogger(__name__)
 SETTINGS = load_settings()
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
+# BentoML serves the merged OpenAPI document at /docs.json; FastAPI's own doc pages stay off.
 app = FastAPI(
     title="ViT Serve",
     description="Vision Transformer classification with attention over patches.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
 )
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -62,8 +68,6 @@ class VitClassifier:
     """Loads the model in the background; ``/readyz`` turns 200 once it is warmed up."""
 
     def __init__(self) -> None:
-        from .metrics import create_metrics
-
         self.settings = SETTINGS
         self.metrics = create_metrics(SETTINGS.max_batch_size)
         self.classifier = Classifier(SETTINGS, self.metrics)
@@ -71,6 +75,9 @@ class VitClassifier:
 
     def __is_ready__(self) -> bool:
         return self.classifier.ready
+
+    def __metrics__(self, exposition: str) -> str:
+        return drop_unknown_endpoints(exposition, _known_paths())
 
     @bentoml.on_shutdown
     async def _shutdown(self) -> None:
@@ -143,3 +150,9 @@ class VitClassifier:
             return JSONResponse(self.classifier.describe())
         except ApiError as exc:
             return _error(exc, uuid.uuid4().hex)
+
+
+@functools.cache
+def _known_paths() -> frozenset[str]:
+    """Routes whose traffic metrics are exposed: ours plus BentoML's own pages."""
+    return frozenset(app.openapi()["paths"]) | {"/", "/docs.json", "/schema.json"}

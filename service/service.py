@@ -13,11 +13,13 @@ import logging
 import re
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import bentoml
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from .api import ApiError, Classifier, parse_options
 from .http import read_request
@@ -40,6 +42,15 @@ app = FastAPI(
     redoc_url=None,
     openapi_url=None,
 )
+
+UI_DIR = Path(__file__).parent / "ui"
+app.mount("/ui/", StaticFiles(directory=UI_DIR, html=True), name="ui")
+
+
+@app.get("/ui", include_in_schema=False)
+async def ui_root() -> RedirectResponse:
+    return RedirectResponse("/ui/")
+
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 503)
@@ -155,4 +166,4 @@ class VitClassifier:
 @functools.cache
 def _known_paths() -> frozenset[str]:
     """Routes whose traffic metrics are exposed: ours plus BentoML's own pages."""
-    return frozenset(app.openapi()["paths"]) | {"/", "/docs.json", "/schema.json"}
+    return frozenset(app.openapi()["paths"]) | {"/", "/docs.json", "/schema.json", "/ui"}

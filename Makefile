@@ -8,10 +8,15 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 3000
 PYTEST_ARGS ?=
+USERS ?= 16
+DURATION ?= 60
+MAX_P95_MS ?= 5000
+SHAPE ?= steady
+URL ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve test test-unit test-http test-integration test-e2e lint format typecheck \
-        train import-model bench loadtest clean
+.PHONY: help install serve test test-unit test-integration test-e2e lint format train \
+        import-model bench loadtest clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -34,10 +39,10 @@ test: $(STAMP) lint ## Lint, then run the whole suite (unit, http, integration, 
 test-unit: $(STAMP) ## Unit tests only
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-test-http: $(STAMP) ## In-process HTTP tests only
-	$(PY) -m pytest tests/http $(PYTEST_ARGS)
+test-e2e: $(STAMP) ## The web page in headless Chromium
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
-test-integration: $(STAMP) ## Tests against a real bentoml serve
+test-integration: $(STAMP) ## Tests against a real bentoml serve, Prometheus, locust
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint + format check, mypy on service/
@@ -54,6 +59,13 @@ train: $(STAMP) ## Retrain the default checkpoint into models/vit-digits
 
 import-model: $(STAMP) ## Put SOURCE into the BentoML model store as NAME (make import-model SOURCE=... NAME=...)
 	$(PY) -m models.import_model "$(SOURCE)" --name "$(NAME)"
+
+loadtest: $(STAMP) ## Headless locust run (USERS, DURATION s, MAX_P95_MS, SHAPE=steady|ramp|spike, URL=running service)
+	$(PY) -m loadtests.loadtest --users $(USERS) --duration $(DURATION) --max-p95-ms $(MAX_P95_MS) \
+		--shape $(SHAPE) $(if $(URL),--host $(URL))
+
+bench: $(STAMP) ## Offline vs served benchmarks -> results/bench-cpu.{json,md} (needs wrk)
+	$(PY) -m loadtests.bench cpu
 
 clean: ## Remove caches and results (keeps .venv)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache results

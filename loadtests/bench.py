@@ -1,7 +1,13 @@
-"""Benchmarks that print figures and write JSON + Markdown: offline model speed and served speed.
+"""Benchmarks that print figures and write JSON + Markdown: the model alone against the service.
 
-    python -m loadtests.bench offline                 # model alone, images/s per batch and dtype
-    python -m loadtests.bench served                  # real bentoml serve, driven by wrk
+    python -m loadtests.bench cpu      # make bench: default model and ViT-S/16, fp32 and bf16
+    python -m loadtests.bench quick    # one small plan, to check the machinery
+    python -m loadtests.bench gpu      # vit_base_patch16_224, bf16, CUDA (loadtests/gpu_check.sh)
+
+Each plan measures the offline ceiling (images/s of the model alone at batch 1 and the maximum
+batch), then served loads at several concurrencies with batching on and off, the attention modes,
+and recovery after a burst; the summary gives served/offline at saturation, the batching gain and
+the per-request overhead at concurrency 1 (served p50 minus the offline batch-1 time).
 
 Served runs start ``bentoml serve`` on a free loopback port per configuration and drive it with
 wrk (a light C load generator, so the client does not steal the server's cores); where wrk is
@@ -12,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform
@@ -21,7 +26,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +33,7 @@ from typing import Any
 
 import httpx
 
+from loadtests.samples import digit, multipart, photo
 from loadtests.serving import REPO, serve
 
 __all__ = ["Load", "drive", "machine", "main", "offline_throughput"]
@@ -116,25 +121,6 @@ def _sync(device: Any) -> None:
 # --- load generation --------------------------------------------------------------------------
 
 
-def multipart(
-    fields: dict[str, str], image: bytes, filename: str = "image.png"
-) -> tuple[bytes, str]:
-    """A multipart/form-data body with one file field ``image``."""
-    boundary = uuid.uuid4().hex
-    parts = []
-    for name, value in fields.items():
-        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
-        parts.append(f"{head}{value}\r\n".encode())
-    parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
-        f"Content-Type: application/octet-stream\r\n\r\n".encode()
-        + image
-        + b"\r\n"
-    )
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
-
-
 _WRK_SCRIPT = """
 local f = assert(io.open("{body}", "rb"))
 wrk.method = "POST"
@@ -219,13 +205,19 @@ async def _drive_async(
 
 def batch_counters(url: str) -> tuple[float, float]:
     """(images batched, batches run) so far, from the service's /metrics."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    values = {}
-    for line in text.splitlines():
-        if line.startswith(("vit_batch_size_sum ", "vit_batch_size_count ")):
-            name, value = line.split()
-            values[name] = float(value)
-    return values.get("vit_batch_size_sum", 0.0), values.get("vit_batch_size_count", 0.0)
+    for _ in range(3):
+        response = httpx.get(f"{url}/metrics", timeout=30)
+        values = {}
+        for line in response.text.splitlines():
+            if line.startswith(("vit_batch_size_sum ", "vit_batch_size_count ")):
+                name, value = line.split()
+                values[name] = float(value)
+        if response.status_code == 200 and len(values) == 2:
+            return values["vit_batch_size_sum"], values["vit_batch_size_count"]
+        time.sleep(0.5)
+    raise RuntimeError(
+        f"/metrics has no vit_batch_size ({response.status_code}):\n{response.text[:500]}"
+    )
 
 
 def measure(url: str, body: bytes, content_type: str, concurrency: int, seconds: float) -> Load:
@@ -239,61 +231,6 @@ def measure(url: str, body: bytes, content_type: str, concurrency: int, seconds:
 
 
 # --- suites ---------------------------------------------------------------------------------
-
-
-def digit_png(size: int = 64) -> bytes:
-    """A held-out digit as PNG."""
-    from models.digits import load_split, render_digit
-
-    buffer = io.BytesIO()
-    render_digit(load_split().X_test[0], size).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def photo_jpeg(width: int = 640, height: int = 480) -> bytes:
-    """A synthetic photo-like JPEG (smooth gradients plus noise, quality 85)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([255 * xx / width, 255 * yy / height, 128 + 60 * np.sin(xx / 37)], axis=-1)
-    pixels = (base + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
-
-
-def random_vit_small(folder: Path) -> str:
-    """vit_small_patch16_224 with random weights saved locally; returns its source string."""
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    path = folder / "vit_small_patch16_224-random.safetensors"
-    if not path.exists():
-        torch.manual_seed(0)
-        model = timm.create_model("vit_small_patch16_224", pretrained=False)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return f"vit_small_patch16_224@{path}"
-
-
-def served_suite(
-    configs: Sequence[dict[str, Any]], seconds: float, log_dir: Path
-) -> list[dict[str, Any]]:
-    """Per config {name, env, image, fields, concurrency: [...]}: serve, drive each load."""
-    rows = []
-    for config in configs:
-        with serve(config["env"], log_dir) as server:
-            body, content_type = multipart(config.get("fields", {}), config["image"])
-            # Warm the path (first multipart parse, allocator) before timing.
-            drive(f"{server.url}/classify", body, content_type, 2, 2)
-            for concurrency in config["concurrency"]:
-                load = measure(server.url, body, content_type, concurrency, seconds)
-                row = {"config": config["name"], **asdict(load)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    return rows
 
 
 def recovery(url: str, body: bytes, content_type: str, seconds: float) -> dict[str, float]:
@@ -310,67 +247,114 @@ def recovery(url: str, body: bytes, content_type: str, seconds: float) -> dict[s
     }
 
 
-def gpu_suite(seconds: float, work: Path, quick: bool, arch: str, device: str) -> int:
-    """A ViT (random weights; vit_base_patch16_224 by default) in bf16 on CUDA: offline ceiling
-    and served loads with batching on/off, attention modes, several workers, recovery."""
+@dataclass(frozen=True)
+class Plan:
+    """What to measure for one model and dtype."""
+
+    label: str
+    source: str
+    upload: bytes
+    dtype: str
+    device: str
+    levels: tuple[int, ...] = (1, 8, 32, 64)
+    batching_off: bool = True
+    attention_modes: bool = True
+    recovery: bool = True
+    max_batch: int = 32
+    extra_env: tuple[tuple[str, str], ...] = ()
+
+
+def run_plan(plan: Plan, seconds: float, work: Path) -> dict[str, Any]:
+    """Offline ceiling, then served loads for one plan; rows plus the summary figures."""
+    offline = offline_throughput(
+        plan.source, plan.dtype, sorted({1, plan.max_batch}), device=plan.device
+    )
+    print(json.dumps({"plan": plan.label, "offline": offline}), flush=True)
+    env = {
+        "VIT_MODEL": plan.source,
+        "VIT_DTYPE": plan.dtype,
+        "VIT_DEVICE": plan.device,
+        "VIT_ACCESS_LOG": "false",
+        "VIT_MAX_BATCH_SIZE": str(plan.max_batch),
+        **dict(plan.extra_env),
+    }
+    saturation = max(plan.levels)
+    # (config, environment, attention mode, concurrency levels)
+    configs: list[tuple[str, dict[str, str], str, Sequence[int]]] = [
+        ("batching on", env, "cls", plan.levels)
+    ]
+    if plan.batching_off:
+        configs.append(("batching off", {**env, "VIT_MAX_BATCH_SIZE": "1"}, "cls", plan.levels))
+    if plan.attention_modes:
+        configs += [(f"attention {m}", env, m, [saturation]) for m in ("none", "rollout")]
+    rows: list[dict[str, Any]] = []
+    recovered: dict[str, float] = {}
+    for name, config_env, mode, levels in configs:
+        body, content_type = multipart({"attention": mode}, [("image", "upload", plan.upload)])
+        with serve(config_env, work, ready_timeout_s=300) as server:
+            drive(f"{server.url}/classify", body, content_type, 2, 2)  # warm the path
+            for concurrency in levels:
+                load = measure(server.url, body, content_type, concurrency, seconds)
+                row = {"plan": plan.label, "config": name, "attention": mode, **asdict(load)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            if name == "batching on" and plan.recovery:
+                recovered = recovery(server.url, body, content_type, seconds)
+                print(json.dumps({"plan": plan.label, "recovery": recovered}), flush=True)
+    on = [r["rps"] for r in rows if r["config"] == "batching on"]
+    off = [r["rps"] for r in rows if r["config"] == "batching off"]
+    c1 = next(r for r in rows if r["config"] == "batching on" and r["concurrency"] == 1)
+    ceiling = offline[plan.max_batch]
+    summary = {
+        "plan": plan.label,
+        "offline_b1": offline[1],
+        "offline_ceiling": ceiling,
+        "served_saturation": max(on),
+        "served_over_offline": max(on) / ceiling,
+        "batching_gain": max(on) / max(off) if off and max(off) else None,
+        "overhead_c1_ms": c1["p50_ms"] - 1e3 / offline[1] if c1["requests"] else None,
+        "recovery_ratio": recovered.get("ratio"),
+    }
+    print(json.dumps({"summary": summary}), flush=True)
+    return {"plan": asdict(plan) | {"upload": len(plan.upload)}, "offline": offline,
+            "rows": rows, "recovery": recovered, "summary": summary}  # fmt: skip
+
+
+def report(name: str, results: list[dict[str, Any]]) -> None:
+    """Write results/<name>.json and a Markdown report with the rows and the summary."""
+    rows = [row for result in results for row in result["rows"]]
+    summaries = [result["summary"] for result in results]
+    columns = ["plan", "config", "concurrency", "rps", "p50_ms", "p95_ms", "errors", "mean_batch"]
+    summary_columns = [
+        "plan",
+        "offline_b1",
+        "offline_ceiling",
+        "served_saturation",
+        "served_over_offline",
+        "batching_gain",
+        "overhead_c1_ms",
+        "recovery_ratio",
+    ]
+    table = (
+        markdown(summaries, summary_columns) + "\n" + markdown(rows, columns)
+        + "\nRecovery (1-client p50 before/after a 32-client burst):\n\n"
+        + "".join(f"- {r['plan']['label']}: {json.dumps(r['recovery'])}\n" for r in results)
+    )  # fmt: skip
+    write(name, {"machine": machine(), "results": results}, table)
+
+
+def random_checkpoint(arch: str, folder: Path) -> str:
+    """``arch`` with random weights saved locally as safetensors; returns its source string."""
     import timm
     import torch
     from safetensors.torch import save_file
 
-    path = work / f"{arch}-random.safetensors"
+    path = folder / f"{arch}-random.safetensors"
     if not path.exists():
         torch.manual_seed(0)
         model = timm.create_model(arch, pretrained=False)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    source = f"{arch}@{path}"
-    rates = offline_throughput(source, "bfloat16", (1, 32, 64, 128), device=device, seconds=3)
-    offline = {f"b{b}": r for b, r in rates.items()}
-    print(json.dumps({"offline": offline}), flush=True)
-    photo = photo_jpeg()
-    env = {
-        "VIT_MODEL": source,
-        "VIT_DTYPE": "bfloat16",
-        "VIT_DEVICE": device,
-        "VIT_ACCESS_LOG": "false",
-        "VIT_MAX_BATCH_SIZE": "64",
-        "VIT_MAX_WAIT_MS": "2",
-    }
-    levels = [1, 8] if quick else [1, 8, 32, 64]
-    # (name, environment, attention mode, concurrency levels)
-    configs = [
-        ("batching on, cls", env, "cls", levels),
-        ("batching off, cls", {**env, "VIT_MAX_BATCH_SIZE": "1"}, "cls", levels),
-        ("batching on, none", env, "none", [32]),
-        ("batching on, rollout", env, "rollout", [32]),
-        ("4 workers, cls", {**env, "VIT_WORKERS": "4"}, "cls", [64]),
-    ]
-    if quick:
-        configs = configs[:2]
-    rows: list[dict[str, Any]] = []
-    recovered: dict[str, float] = {}
-    for name, config_env, mode, concurrencies in configs:
-        body, content_type = multipart({"attention": mode}, photo)
-        with serve(config_env, work, ready_timeout_s=300) as server:
-            drive(f"{server.url}/classify", body, content_type, 4, 2)
-            for concurrency in concurrencies:
-                load = measure(server.url, body, content_type, concurrency, seconds)
-                row = {"config": name, **asdict(load)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            if name == "batching on, cls":
-                recovered = recovery(server.url, body, content_type, seconds)
-                print(json.dumps({"recovery": recovered}), flush=True)
-    columns = ["config", "concurrency", "rps", "p50_ms", "p95_ms", "errors", "mean_batch"]
-    table = (
-        "Offline (images/s): "
-        + ", ".join(f"batch {k[1:]}: {v:.0f}" for k, v in offline.items())
-        + "\n\n"
-        + markdown(rows, columns)
-        + f"\nRecovery: {json.dumps(recovered)}\n"
-    )
-    write("bench-gpu", {"machine": machine(), "offline": offline, "rows": rows,
-                        "recovery": recovered}, table)  # fmt: skip
-    return 0
+    return f"{arch}@{path}"
 
 
 def write(name: str, payload: dict[str, Any], table: str) -> None:
@@ -397,58 +381,40 @@ def markdown(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("suite", choices=["offline", "served", "gpu"])
-    parser.add_argument("--seconds", type=float, default=8.0, help="per load (served)")
+    parser.add_argument("suite", choices=["cpu", "gpu", "quick"])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per load")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true", help="fewer configurations")
-    parser.add_argument("--arch", default="vit_base_patch16_224", help="gpu suite's model")
+    parser.add_argument("--arch", default="vit_base_patch16_224", help="the gpu suite's model")
     args = parser.parse_args(argv)
     work = RESULTS / "work"
     work.mkdir(parents=True, exist_ok=True)
-    vit_s = random_vit_small(work)
-
+    digit_png, photo_jpeg = digit(0, 64, False), photo(640, 480)
+    device = args.device
     if args.suite == "gpu":
-        device = "cuda" if args.device == "auto" else args.device
-        return gpu_suite(args.seconds, work, args.quick, args.arch, device)
-    if args.suite == "offline":
-        rows = []
-        for source, name in ((DEFAULT_MODEL, "vit-digits"), (vit_s, "vit_small_patch16_224")):
-            for dtype in ("float32", "bfloat16"):
-                rates = offline_throughput(source, dtype, (1, 16, 32), device=args.device)
-                row = {"model": name, "dtype": dtype, **{f"b{b}": r for b, r in rates.items()}}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-        write(
-            "bench-offline",
-            {"machine": machine(), "rows": rows},
-            markdown(rows, ["model", "dtype", "b1", "b16", "b32"]),
-        )
+        device = "cuda" if device == "auto" else device
+        source = random_checkpoint(args.arch, work)
+        plan = Plan(args.arch, source, photo_jpeg, "bfloat16", device, max_batch=64)
+        workers = Plan(f"{args.arch} x4 workers", source, photo_jpeg, "bfloat16", device,
+                       levels=(1, 64), batching_off=False, attention_modes=False,
+                       recovery=False, max_batch=64, extra_env=(("VIT_WORKERS", "4"),))  # fmt: skip
+        report("bench-gpu", [run_plan(plan, args.seconds, work),
+                             run_plan(workers, args.seconds, work)])  # fmt: skip
         return 0
-
-    digit, photo = digit_png(), photo_jpeg()
-    base_env = {"VIT_ACCESS_LOG": "false", "VIT_DEVICE": args.device}
-    configs: list[dict[str, Any]] = []
-    for mode in ("none", "cls", "rollout"):
-        configs.append({
-            "name": f"vit-digits attention={mode}",
-            "env": base_env,
-            "image": digit,
-            "fields": {"attention": mode},
-            "concurrency": [1, 16],
-        })  # fmt: skip
-    for dtype in ("float32", "bfloat16"):
-        configs.append({
-            "name": f"vit_small {dtype} attention=cls",
-            "env": {**base_env, "VIT_MODEL": vit_s, "VIT_DTYPE": dtype},
-            "image": photo,
-            "fields": {"attention": "cls"},
-            "concurrency": [1, 16],
-        })  # fmt: skip
-    if args.quick:
-        configs = configs[:1]
-    rows = served_suite(configs, args.seconds, work)
-    columns = ["config", "concurrency", "rps", "p50_ms", "p95_ms", "errors", "mean_batch"]
-    write("bench-served", {"machine": machine(), "rows": rows}, markdown(rows, columns))
+    vit_s = random_checkpoint("vit_small_patch16_224", work)
+    if args.suite == "quick":
+        plans = [Plan("vit-digits fp32", DEFAULT_MODEL, digit_png, "float32", device,
+                      levels=(1, 16), attention_modes=False)]  # fmt: skip
+    else:
+        plans = [
+            Plan("vit-digits fp32", DEFAULT_MODEL, digit_png, "float32", device),
+            Plan("vit-digits bf16", DEFAULT_MODEL, digit_png, "bfloat16", device,
+                 levels=(1, 32), batching_off=False, attention_modes=False, recovery=False),
+            Plan("vit_small fp32", vit_s, photo_jpeg, "float32", device),
+            # bf16 is emulated on CPUs without AMX (~1.5 images/s for ViT-S): one client only.
+            Plan("vit_small bf16", vit_s, photo_jpeg, "bfloat16", device, levels=(1,),
+                 batching_off=False, attention_modes=False, recovery=False),
+        ]  # fmt: skip
+    report(f"bench-{args.suite}", [run_plan(plan, args.seconds, work) for plan in plans])
     return 0
 
 

@@ -112,14 +112,14 @@ _ENDPOINT = re.compile(r'endpoint="([^"]*)"')
 
 
 def drop_unknown_endpoints(exposition: str, known: Collection[str]) -> str:
-    """Remove series whose ``endpoint`` label is not a real route.
+    """Remove BentoML traffic series whose ``endpoint`` label is not a real route.
 
     BentoML's HTTP traffic metrics label every request with its raw path, so a scan of random
     URLs would add a series per URL; only routes the service serves are exposed.
     """
     kept = []
     for line in exposition.splitlines(keepends=True):
-        match = None if line.startswith("#") else _ENDPOINT.search(line)
+        match = _ENDPOINT.search(line) if line.startswith("bentoml_") else None
         if match is None or match.group(1) in known:
             kept.append(line)
     return "".join(kept)

@@ -1,0 +1,334 @@
+"""The web page at /ui in headless Chromium, against a real ``bentoml serve`` of the default model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.wait import WebDriverWait
+
+from loadtests.serving import Server
+from models.digits import load_split, render_digit
+from tests.conftest import REPO
+
+SPLIT = load_split()
+DOCS_SCREENSHOT = REPO / "docs" / "ui.png"
+# docs/ui.png is written when missing, or rewritten with VIT_UI_SCREENSHOT=1.
+UPDATE_DOCS_SCREENSHOT = os.environ.get("VIT_UI_SCREENSHOT", "") == "1"
+
+
+def _digit_png(folder: Path, index: int, size: int = 160, invert: bool = False) -> Path:
+    path = folder / f"digit-{index}-{SPLIT.y_test[index]}.png"
+    render_digit(SPLIT.X_test[index], size, invert).save(path, format="PNG")
+    return path
+
+
+def _truncated_jpeg(folder: Path) -> Path:
+    buffer = io.BytesIO()
+    render_digit(SPLIT.X_test[1], 160).save(buffer, format="JPEG", quality=90)
+    path = folder / "broken.jpg"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return path
+
+
+def _testid(root: webdriver.Chrome | WebElement, name: str) -> list[WebElement]:
+    return root.find_elements(By.CSS_SELECTOR, f'[data-testid="{name}"]')
+
+
+def _attr(element: WebElement, name: str) -> str:
+    return element.get_attribute(name) or ""
+
+
+def _card(driver: webdriver.Chrome, filename: str) -> WebElement:
+    return driver.find_element(
+        By.CSS_SELECTOR, f'[data-testid="result"][data-filename="{filename}"]'
+    )
+
+
+def _wait_done(driver: webdriver.Chrome, timeout: float = 30) -> None:
+    WebDriverWait(driver, timeout).until(
+        lambda d: _attr(d.find_element(By.ID, "results"), "data-state") == "done"
+    )
+
+
+def _upload(driver: webdriver.Chrome, *paths: Path) -> None:
+    driver.find_element(By.ID, "file-input").send_keys("\n".join(str(p) for p in paths))
+    _wait_done(driver)
+
+
+def _console_problems(
+    driver: webdriver.Chrome, allowed: tuple[re.Pattern[str], ...] = ()
+) -> list[dict[str, Any]]:
+    """SEVERE console entries (errors, uncaught exceptions, failed loads) not explicitly allowed."""
+    return [
+        entry
+        for entry in driver.get_log("browser")
+        if entry["level"] == "SEVERE" and not any(p.fullmatch(entry["message"]) for p in allowed)
+    ]
+
+
+def _rect(driver: webdriver.Chrome, element: WebElement) -> dict[str, float]:
+    return driver.execute_script(
+        "const r = arguments[0].getBoundingClientRect();"
+        "return {left: r.left, top: r.top, right: r.right, bottom: r.bottom};",
+        element,
+    )
+
+
+def _drop(driver: webdriver.Chrome, path: Path, event: str = "drop", name: str = "") -> None:
+    """Drop (or paste) a file the way a person would: a DataTransfer holding a File."""
+    driver.execute_script(
+        """
+        const [b64, name, kind] = arguments;
+        delete document.getElementById("results").dataset.state;
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], name, {type: "image/png"}));
+        const ev = kind === "drop"
+          ? new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true})
+          : new ClipboardEvent("paste", {clipboardData: data, bubbles: true, cancelable: true});
+        (kind === "drop" ? document.getElementById("dropzone") : document).dispatchEvent(ev);
+        """,
+        base64.b64encode(path.read_bytes()).decode("ascii"),
+        name or path.name,
+        event,
+    )
+    _wait_done(driver)
+
+
+def test_page_loads_with_model_panel(page: webdriver.Chrome, server: Server, shots: Path) -> None:
+    model = httpx.get(f"{server.url}/model").json()["model"]
+    fields = {
+        _attr(dd, "data-field"): dd.text
+        for dd in page.find_elements(By.CSS_SELECTOR, "#model-fields dd")
+    }
+    assert fields["num_patches"] == "16"
+    assert fields["patch_dim"].startswith("192 = 3·8·8")
+    assert fields["embed_dim"] == "64"
+    assert fields["input_size"].startswith("32×32")
+    assert fields["patch_size"] == "8×8"
+    assert fields["grid"].startswith("4×4")
+    assert fields["depth"] == "6"
+    assert fields["num_heads"] == "4"
+    assert fields["num_prefix_tokens"] == "1 (CLS)"
+    assert fields["position_embedding"] == "learned [1, 17, 64]"
+    assert fields["num_params"] == "215,114"
+    assert (fields["dtype"], fields["device"]) == (model["dtype"], model["device"])
+    summary = _testid(page, "model-summary")[0].text
+    assert summary == "32×32 input, patch 8 → 16 patches of 192 values → 64-dim embeddings"
+
+    # Keyboard: the drop zone is focusable, shows a focus ring and opens the picker on Enter/Space.
+    page.execute_script(
+        "window.__picks = 0;"
+        "document.getElementById('file-input').click = () => { window.__picks += 1; };"
+    )
+    page.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB, Keys.TAB)
+    active = page.switch_to.active_element
+    assert _attr(active, "data-testid") == "dropzone"
+    assert active.value_of_css_property("outline-style") == "solid"
+    active.send_keys(Keys.ENTER)
+    active.send_keys(Keys.SPACE)
+    assert page.execute_script("return window.__picks") == 2
+    active.send_keys(Keys.TAB)
+    assert _attr(page.switch_to.active_element, "data-testid") == "file-input"
+
+    page.save_screenshot(str(shots / "loaded.png"))
+    assert _console_problems(page) == []
+
+
+def test_digit_result_with_heatmap_grid_and_timing(
+    page: webdriver.Chrome, shots: Path, tmp_path: Path
+) -> None:
+    index = 3
+    digit = _digit_png(tmp_path, index)
+    _upload(page, digit)
+    card = _card(page, digit.name)
+    assert _attr(card, "data-state") == "ok"
+    predictions = _testid(card, "prediction")
+    assert len(predictions) == 5
+    assert _attr(predictions[0], "data-label") == str(SPLIT.y_test[index])
+    assert re.fullmatch(r"\d+\.\d%", predictions[0].find_element(By.CLASS_NAME, "pct").text)
+
+    # The API's heatmap, at the upload's own size, laid exactly over the original.
+    heat = _testid(card, "heatmap")[0]
+    assert heat.is_displayed()
+    natural = page.execute_script(
+        "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", heat
+    )
+    assert natural == [160, 160]
+    original = card.find_element(By.CLASS_NAME, "orig")
+    assert _rect(page, heat) == pytest.approx(_rect(page, original), abs=0.5)
+
+    # 16 patch cells on the true patch boundaries: a 4×4 split of the whole (square) image.
+    cells = _testid(card, "patch-cell")
+    assert len(cells) == 16
+    box = _rect(page, original)
+    step = (box["right"] - box["left"]) / 4
+    for cell in cells:
+        row, col = int(_attr(cell, "data-row")), int(_attr(cell, "data-col"))
+        assert _rect(page, cell) == pytest.approx(
+            {
+                "left": box["left"] + col * step,
+                "top": box["top"] + row * step,
+                "right": box["left"] + (col + 1) * step,
+                "bottom": box["top"] + (row + 1) * step,
+            },
+            abs=1.0,
+        )
+    weights = [float(_attr(c, "data-attention")) for c in cells]
+    assert sum(weights) == pytest.approx(1.0, abs=1e-3)
+    tops = _testid(card, "top-patch")
+    assert len(tops) == 5
+    best = max(range(16), key=weights.__getitem__)
+    assert _attr(tops[0], "data-index") == str(best)
+
+    # Hover shows a patch's index, row/col and weight; arrow keys walk the cells.
+    ActionChains(page).move_to_element(cells[5]).perform()
+    tip = _testid(card, "patch-tip")[0]
+    assert tip.is_displayed()
+    assert tip.text.startswith(f"Patch 5 · row 1, col 1 · attention {weights[5]:.4f}")
+    page.save_screenshot(str(shots / "digit.png"))
+    if UPDATE_DOCS_SCREENSHOT or not DOCS_SCREENSHOT.exists():
+        page.save_screenshot(str(DOCS_SCREENSHOT))
+    page.execute_script("arguments[0].focus()", cells[0])
+    page.switch_to.active_element.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_DOWN)
+    assert _attr(page.switch_to.active_element, "data-index") == "5"
+    assert _testid(card, "patch-info")[0].text.startswith("Patch 5 · row 1, col 1")
+
+    # The heatmap toggles and fades; the timing breakdown is there.
+    toggle = _testid(card, "heatmap-toggle")[0]
+    toggle.click()
+    WebDriverWait(page, 5).until(lambda _: heat.value_of_css_property("opacity") == "0")
+    toggle.click()
+    WebDriverWait(page, 5).until(lambda _: heat.value_of_css_property("opacity") == "0.85")
+    timing = {
+        _attr(dd, "data-field"): dd.text
+        for dd in _testid(card, "timing")[0].find_elements(By.TAG_NAME, "dd")
+    }
+    assert set(timing) == {"decode", "queue", "inference", "postprocess", "total", "batch_size"}
+
+    # Rollout: changing the mode re-asks the API for the same image.
+    page.find_element(By.CSS_SELECTOR, '[data-testid="mode-rollout"]').click()
+    WebDriverWait(page, 20).until(
+        lambda d: "(rollout)" in d.find_element(By.CSS_SELECTOR, ".top-t caption").text
+    )
+    _wait_done(page)
+    page.save_screenshot(str(shots / "rollout.png"))
+
+    # Drop to rendered result, timed in the browser (a real drop event; pasting works too).
+    times = []
+    for _ in range(5):
+        _drop(page, digit)
+        times.append(float(_attr(page.find_element(By.ID, "results"), "data-drop-to-result-ms")))
+    _drop(page, digit, event="paste", name="image.png")  # what a copied image is called
+    assert _attr(_card(page, "pasted-1.png"), "data-state") == "ok"
+    median = statistics.median(times)
+    (tmp_path / "drop_to_result_ms.json").write_text(json.dumps({"runs": times, "median": median}))
+    print(f"\ndrop to rendered result (ms): median {median:.1f}, runs {times}")
+    assert median < 5000
+    assert _console_problems(page) == []
+
+
+def test_bad_upload_shows_its_error_and_the_rest_still_works(
+    page: webdriver.Chrome, shots: Path, tmp_path: Path
+) -> None:
+    broken = _truncated_jpeg(tmp_path)
+    good = _digit_png(tmp_path, 7)
+    _upload(page, broken, good)
+    bad_card = _card(page, broken.name)
+    assert _attr(bad_card, "data-state") == "error"
+    error = _testid(bad_card, "error")[0]
+    assert error.is_displayed()
+    assert _attr(error, "data-status") == "400"
+    assert _attr(error, "data-code") == "corrupt_image"
+    assert "could not be decoded" in error.text
+    good_card = _card(page, good.name)
+    assert _attr(good_card, "data-state") == "ok"
+    label = _attr(_testid(good_card, "prediction")[0], "data-label")
+    assert label == str(SPLIT.y_test[7])
+    assert len(_testid(good_card, "patch-cell")) == 16
+    page.save_screenshot(str(shots / "batch-with-error.png"))
+    # The batch answers 200 with the error in its slot: nothing for the console to report.
+    assert _console_problems(page) == []
+
+    # A lone non-image goes to /classify and comes back 415.
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image\n")
+    _upload(page, text)
+    error = _testid(_card(page, text.name), "error")[0]
+    assert _attr(error, "data-status") == "415"
+    assert "not a recognised image" in error.text
+    page.save_screenshot(str(shots / "unsupported.png"))
+    url = re.escape(page.current_url.split("/ui")[0])
+    expected_415 = re.compile(
+        rf"{url}/classify - Failed to load resource: the server responded with a status of 415 "
+        r"\(Unsupported Media Type\)"
+    )
+    assert _console_problems(page, allowed=(expected_415,)) == []
+
+
+def test_phone_sized_screen(page: webdriver.Chrome, shots: Path, tmp_path: Path) -> None:
+    page.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True},
+    )
+    try:
+        digit = _digit_png(tmp_path, 11, size=600, invert=True)
+        wide = tmp_path / "wide.png"
+        render_digit(SPLIT.X_test[12], (600, 400)).save(wide, format="PNG")
+        _upload(page, digit, wide)
+
+        # A wide upload: the model saw its centred 400×400 square, and the grid says so.
+        wide_card = _card(page, wide.name)
+        assert _attr(wide_card, "data-state") == "ok"
+        grid = _testid(wide_card, "patch-grid")[0]
+        assert _attr(grid, "data-crop-box") == "100,0,500,400"
+        box = _rect(page, wide_card.find_element(By.CLASS_NAME, "orig"))
+        scale = (box["right"] - box["left"]) / 600
+        for cell in _testid(wide_card, "patch-cell"):
+            row, col = int(_attr(cell, "data-row")), int(_attr(cell, "data-col"))
+            assert _rect(page, cell) == pytest.approx(
+                {
+                    "left": box["left"] + (100 + 100 * col) * scale,
+                    "top": box["top"] + 100 * row * scale,
+                    "right": box["left"] + (200 + 100 * col) * scale,
+                    "bottom": box["top"] + 100 * (row + 1) * scale,
+                },
+                abs=1.0,
+            )
+
+        page.execute_script("arguments[0].scrollIntoView()", wide_card)
+        page.save_screenshot(str(shots / "phone-wide.png"))
+
+        card = _card(page, digit.name)
+        assert _attr(card, "data-state") == "ok"
+        assert page.execute_script("return window.innerWidth") == 390
+        widths = page.execute_script(
+            "return [document.documentElement.scrollWidth, document.documentElement.clientWidth,"
+            " document.body.scrollWidth]"
+        )
+        assert widths[0] <= widths[1] and widths[2] <= widths[1], widths
+        for name in ("heatmap", "predictions", "timing"):
+            element = _testid(card, name)[0]
+            rect = _rect(page, element)
+            assert element.is_displayed() and rect["left"] >= 0 and rect["right"] <= 390, name
+        top1 = _attr(_testid(card, "prediction")[0], "data-label")
+        assert top1 == str(SPLIT.y_test[11])
+        page.execute_script("arguments[0].scrollIntoView()", card)
+        page.save_screenshot(str(shots / "phone.png"))
+    finally:
+        page.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    assert _console_problems(page) == []

@@ -55,6 +55,10 @@ def serve(
         **os.environ,
         "BENTOML_DO_NOT_TRACK": "true",
         "PYTHONUNBUFFERED": "1",
+        # Each server gets its own BentoML home: `bentoml serve` empties
+        # $BENTOML_HOME/prometheus_multiproc_dir at start, wiping any other server's metrics.
+        # Pass BENTOML_HOME in env to serve a 'bento:' model from the real store.
+        "BENTOML_HOME": str(log_dir / f"bentoml-home-{port}"),
         **env,
     }
     command = [sys.executable, "-m", "bentoml", "serve", "service.service:VitClassifier",

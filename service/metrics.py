@@ -8,12 +8,11 @@ import time. Gauges declare how worker values combine.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["STAGES", "Metrics", "create_metrics", "drop_unknown_endpoints"]
+__all__ = ["STAGES", "UNMATCHED_PATH", "Metrics", "bound_traffic_labels", "create_metrics"]
 
 STAGES = ("decode", "queue", "preprocess", "forward", "attention", "postprocess")
 
@@ -108,18 +107,44 @@ def create_metrics(max_batch_size: int) -> Metrics:
     )
 
 
-_ENDPOINT = re.compile(r'endpoint="([^"]*)"')
+UNMATCHED_PATH = "/(unmatched)"
+_ORIGINAL_PATH = "vit.original_path"
 
 
-def drop_unknown_endpoints(exposition: str, known: Collection[str]) -> str:
-    """Remove BentoML traffic series whose ``endpoint`` label is not a real route.
+def bound_traffic_labels(known: Callable[[], Collection[str]]) -> None:
+    """Make BentoML label its HTTP traffic metrics with a constant for paths that are no route.
 
-    BentoML's HTTP traffic metrics label every request with its raw path, so a scan of random
-    URLs would add a series per URL; only routes the service serves are exposed.
+    BentoML's ``RunnerTrafficMetricsMiddleware`` labels every request with its raw path and
+    stores one series per label set in the multiprocess files, so a scan of random URLs grows
+    them (and the time to render /metrics) without bound. The middleware is swapped, before the
+    server builds its app, for a subclass that shows it ``UNMATCHED_PATH`` instead of an unknown
+    path, while the request itself travels on with its real path (and still gets its 404).
     """
-    kept = []
-    for line in exposition.splitlines(keepends=True):
-        match = _ENDPOINT.search(line) if line.startswith("bentoml_") else None
-        if match is None or match.group(1) in known:
-            kept.append(line)
-    return "".join(kept)
+    from bentoml._internal.server.http import instruments
+
+    base = instruments.RunnerTrafficMetricsMiddleware
+    if getattr(base, "_vit_bounded", False):
+        return
+
+    class _RestorePath:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            original = scope.get(_ORIGINAL_PATH)
+            if original is not None:
+                scope = {**scope, "path": original}
+            await self.app(scope, receive, send)
+
+    class BoundedTrafficMetricsMiddleware(base):  # type: ignore[misc, valid-type]
+        _vit_bounded = True
+
+        def __init__(self, app: Any, **options: Any) -> None:
+            super().__init__(_RestorePath(app), **options)
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"].startswith("http") and scope["path"] not in known():
+                scope = {**scope, "path": UNMATCHED_PATH, _ORIGINAL_PATH: scope["path"]}
+            await super().__call__(scope, receive, send)
+
+    instruments.RunnerTrafficMetricsMiddleware = BoundedTrafficMetricsMiddleware  # type: ignore[misc, assignment]

@@ -1,24 +1,50 @@
-"""The /metrics filter: BentoML's per-path series only for real routes; ours untouched."""
+"""Traffic-metric labels stay bounded: unknown paths are labelled with one constant."""
 
 from __future__ import annotations
 
-from service.metrics import drop_unknown_endpoints
+import asyncio
+from typing import Any
 
-EXPOSITION = """\
-# HELP bentoml_api_server_request_total Total number of server HTTP requests
-# TYPE bentoml_api_server_request_total counter
-bentoml_api_server_request_total{endpoint="/classify",http_response_code="200"} 3.0
-bentoml_api_server_request_total{endpoint="/nope/123",http_response_code="404"} 1.0
-bentoml_api_server_request_in_progress{endpoint="/wp-login.php"} 0.0
-vit_request_duration_seconds_count{endpoint="classify"} 3.0
-vit_images_total{outcome="ok"} 3.0
-"""
+from service.metrics import UNMATCHED_PATH, bound_traffic_labels
 
 
-def test_unknown_paths_are_dropped_and_ours_kept() -> None:
-    out = drop_unknown_endpoints(EXPOSITION, {"/classify", "/model"})
-    assert 'endpoint="/classify"' in out
-    assert "/nope/123" not in out and "wp-login" not in out
-    assert 'vit_request_duration_seconds_count{endpoint="classify"} 3.0' in out
-    assert 'vit_images_total{outcome="ok"} 3.0' in out
-    assert out.count("# HELP") == 1
+def test_unknown_paths_get_one_label_and_keep_their_route() -> None:
+    from bentoml._internal.server.http import instruments
+
+    bound_traffic_labels(lambda: {"/classify"})
+    middleware_class = instruments.RunnerTrafficMetricsMiddleware
+    assert getattr(middleware_class, "_vit_bounded", False)
+
+    seen_by_app: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen_by_app.append(scope["path"])
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    labels: list[str] = []
+    middleware = middleware_class(app, namespace="test")
+    middleware._setup()
+    real = middleware.metrics_request_total.labels
+
+    def spy(**kwargs: Any) -> Any:
+        labels.append(kwargs["endpoint"])
+        return real(**kwargs)
+
+    middleware.metrics_request_total.labels = spy
+
+    async def call(path: str) -> None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(_message: Any) -> None:
+            return None
+
+        await middleware({"type": "http", "path": path, "method": "GET"}, receive, send)
+
+    for path in ("/classify", "/nope/1", "/nope/2"):
+        asyncio.run(call(path))
+    assert labels == ["/classify", UNMATCHED_PATH, UNMATCHED_PATH]
+    assert seen_by_app == ["/classify", "/nope/1", "/nope/2"]  # routing sees the real path
+    bound_traffic_labels(lambda: set())  # a second install is a no-op
+    assert instruments.RunnerTrafficMetricsMiddleware is middleware_class

@@ -1,0 +1,313 @@
+"""Where the time goes: per-stage latency at concurrency 1 and 16, read back from Prometheus.
+
+    python -m loadtests.stage_breakdown              # ~15 s per phase; prints a Markdown table
+    python -m loadtests.stage_breakdown --seconds 30 --concurrency 1 8 32
+
+Starts the default service (``bentoml serve``) and a real Prometheus scraping it every second
+(Debian's ``prometheus``; the repo's rules loaded), drives ``/classify`` with wrk for each
+concurrency in turn, and after each phase reads from Prometheus the mean and p50/p95 of every
+``vit_stage_duration_seconds`` stage over exactly that phase's scrapes: ``increase()`` over a
+window from the last scrape before the phase to the first after it. Means are exact; p50/p95 are
+``histogram_quantile`` interpolations within the service's buckets (0.5, 1, 2, 5, 10, 20, 35 ms,
+...), so read them as bucket-resolution estimates. decode/queue/postprocess are per image,
+preprocess/forward/attention per batch. Writes ``results/stage-breakdown.json``.
+
+Also home of :func:`run_prometheus`, the throwaway Prometheus that the deployment tests use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from loadtests.bench import RESULTS, drive, machine
+from loadtests.samples import digit, multipart
+from loadtests.serving import REPO, free_port, serve
+
+__all__ = ["Prometheus", "main", "run_prometheus", "stage_breakdown"]
+
+JOB = "vit-classifier"
+RULES = REPO / "deploy" / "prometheus" / "rules.yml"
+STAGE_ORDER = ("decode", "queue", "preprocess", "forward", "attention", "postprocess")
+
+Labels = tuple[tuple[str, str], ...]
+
+
+# --- a throwaway Prometheus -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prometheus:
+    """A running Prometheus: its base URL, process and log."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def query(self, expr: str, at: float | None = None) -> dict[str, Any]:
+        """The whole answer of an instant query (``status`` with ``data`` or ``error``)."""
+        form = {"query": expr} | ({"time": f"{at:.3f}"} if at is not None else {})
+        answer: dict[str, Any] = httpx.post(
+            f"{self.url}/api/v1/query", data=form, timeout=30
+        ).json()
+        return answer
+
+    def vector(self, expr: str, at: float | None = None) -> dict[Labels, float]:
+        """An instant vector as {sorted label pairs: value}; raises on a query error."""
+        answer = self.query(expr, at)
+        if answer.get("status") != "success":
+            raise RuntimeError(f"query failed: {expr}: {answer.get('error')}")
+        return {
+            tuple(sorted(item["metric"].items())): float(item["value"][1])
+            for item in answer["data"]["result"]
+        }
+
+    def scalar(self, expr: str, at: float | None = None) -> float | None:
+        """The single value of a one-series vector, or None when it is empty."""
+        values = list(self.vector(expr, at).values())
+        if len(values) > 1:
+            raise RuntimeError(f"{expr} returned {len(values)} series")
+        return values[0] if values else None
+
+    def last_scrape(self, job: str = JOB) -> float | None:
+        """When the latest scrape of ``job`` started (Unix seconds)."""
+        # timestamp() of a raw selector is the sample's time; of an expression, the query time.
+        return self.scalar(f'timestamp(up{{job="{job}"}})')
+
+    def wait_for_scrape_after(self, moment: float, job: str = JOB, timeout_s: float = 30) -> float:
+        """Wait for a successful scrape of ``job`` that started after ``moment``; its time."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            scraped_at = self.last_scrape(job)
+            if scraped_at is not None and scraped_at > moment + 0.05:
+                if self.scalar(f'up{{job="{job}"}}', scraped_at) != 1:
+                    raise RuntimeError(f"the scrape of {job} at {scraped_at:.3f} failed")
+                return scraped_at
+            time.sleep(0.2)
+        raise TimeoutError(f"no scrape of {job} after {moment:.3f} within {timeout_s} s")
+
+
+@contextlib.contextmanager
+def run_prometheus(
+    target: str,
+    folder: Path,
+    *,
+    job: str = JOB,
+    interval_s: float = 1.0,
+    rule_files: Sequence[Path] = (RULES,),
+    ready_timeout_s: float = 60.0,
+) -> Iterator[Prometheus]:
+    """Run ``prometheus`` on a free loopback port scraping ``target`` (host:port) every
+    ``interval_s``, with its TSDB in ``folder``; stop it at the end and check it stopped cleanly.
+    """
+    exe = shutil.which("prometheus")
+    if exe is None:
+        raise RuntimeError("prometheus is not installed: apt-get install -y prometheus")
+    port = free_port()
+    every = f"{interval_s:g}s"
+    config = {
+        "global": {"scrape_interval": every, "scrape_timeout": every, "evaluation_interval": every},
+        "rule_files": [str(path) for path in rule_files],
+        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]}],
+    }
+    config_path = folder / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    log = folder / "prometheus.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [exe, f"--config.file={config_path}", f"--storage.tsdb.path={folder / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    prom = Prometheus(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"prometheus exited early:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{prom.url}/-/ready", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"prometheus not ready in {ready_timeout_s} s:\n{log.read_text()}"
+                )
+            time.sleep(0.2)
+        yield prom
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+            code = None
+    text = log.read_text(errors="replace")
+    if code != 0 or "See you next time" not in text:
+        raise RuntimeError(f"prometheus did not stop cleanly (exit {code}):\n{text[-3000:]}")
+
+
+# --- the breakdown ----------------------------------------------------------------------------
+
+
+def _by(vector: dict[Labels, float], label: str) -> dict[str, float]:
+    return {dict(labels)[label]: value for labels, value in vector.items()}
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value * 1e3, 3)
+
+
+def phase_stats(prom: Prometheus, start: float, end: float) -> dict[str, Any]:
+    """Per-stage and request figures over the scrapes in [start, end] (scrape times)."""
+    window = f"{round((end - start + 0.5) * 1e3)}ms"  # half a scrape of slack: has the start sample
+
+    def inc(metric: str, by: str) -> str:
+        return f"sum by ({by}) (increase({metric}[{window}]))"
+
+    stage = "vit_stage_duration_seconds"
+    sums = _by(prom.vector(inc(f"{stage}_sum", "stage"), end), "stage")
+    counts = _by(prom.vector(inc(f"{stage}_count", "stage"), end), "stage")
+    quantiles = {
+        q: _by(prom.vector(f"histogram_quantile({q}, {inc(f'{stage}_bucket', 'le, stage')})", end),
+               "stage")
+        for q in (0.5, 0.95)
+    }  # fmt: skip
+    # increase() extrapolates to the window's edges; ratios (means, quantiles) are unaffected,
+    # but the number of observations is read exactly, as the difference of the two scrapes.
+    total = f"sum by (stage) ({stage}_count)"
+    at_end, at_start = (
+        _by(prom.vector(total, end), "stage"),
+        _by(prom.vector(total, start), "stage"),
+    )
+    stages = {}
+    for name in sorted(counts, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99):
+        count = counts[name]
+        stages[name] = {
+            "observations": round(at_end.get(name, 0.0) - at_start.get(name, 0.0)),
+            "mean_ms": _ms(sums.get(name, 0.0) / count) if count else None,
+            "p50_ms": _ms(quantiles[0.5].get(name)),
+            "p95_ms": _ms(quantiles[0.95].get(name)),
+        }
+    request = "vit_request_duration_seconds"
+    r_sum = prom.scalar(f'sum(increase({request}_sum{{endpoint="classify"}}[{window}]))', end)
+    r_count = prom.scalar(f'sum(increase({request}_count{{endpoint="classify"}}[{window}]))', end)
+    r_q = {
+        q: prom.scalar(
+            f"histogram_quantile({q}, sum by (le) "
+            f'(increase({request}_bucket{{endpoint="classify"}}[{window}])))',
+            end,
+        )
+        for q in (0.5, 0.95)
+    }
+    b_sum = prom.scalar(f"sum(increase(vit_batch_size_sum[{window}]))", end)
+    b_count = prom.scalar(f"sum(increase(vit_batch_size_count[{window}]))", end)
+    return {
+        "window": {"start": start, "end": end},
+        "stages": stages,
+        "request": {
+            "mean_ms": _ms(r_sum / r_count) if r_sum is not None and r_count else None,
+            "p50_ms": _ms(r_q[0.5]),
+            "p95_ms": _ms(r_q[0.95]),
+        },
+        "mean_batch": round(b_sum / b_count, 2) if b_sum is not None and b_count else None,
+    }
+
+
+def stage_breakdown(
+    concurrencies: Sequence[int], seconds: float, work: Path, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Serve, scrape, drive each concurrency in turn; per-phase figures from Prometheus."""
+    body, content_type = multipart({}, [("image", "digit.png", digit(0, 64, False))])
+    server_env = {
+        "VIT_ACCESS_LOG": "false",
+        **(env or {}),
+    }
+    phases = []
+    with (
+        serve(server_env, work) as server,
+        run_prometheus(server.url.removeprefix("http://"), work) as prom,
+    ):
+        url = f"{server.url}/classify"
+        drive(url, body, content_type, 2, 2)  # warm the path
+        for concurrency in concurrencies:
+            start = prom.wait_for_scrape_after(time.time())
+            load = drive(url, body, content_type, concurrency, seconds)
+            end = prom.wait_for_scrape_after(time.time())
+            stats = phase_stats(prom, start, end)
+            phase = {"concurrency": concurrency, "client": asdict(load), **stats}
+            phases.append(phase)
+            print(json.dumps({"concurrency": concurrency, "rps": round(load.rps, 1),
+                              "mean_batch": stats["mean_batch"]}), flush=True)  # fmt: skip
+    return {"machine": machine(), "seconds": seconds, "phases": phases}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Stages down, (concurrency x mean/p50/p95 ms) across."""
+    phases = result["phases"]
+    head = ["stage"] + [f"c={p['concurrency']} {k}" for p in phases for k in ("mean", "p50", "p95")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cells(figures: dict[str, Any] | None) -> list[str]:
+        figures = figures or {}
+        return [
+            "" if figures.get(k) is None else f"{figures[k]:.2f}"
+            for k in ("mean_ms", "p50_ms", "p95_ms")
+        ]
+
+    stages = list(dict.fromkeys(s for p in phases for s in p["stages"]))
+    for name in stages:
+        unit = "batch" if name in ("preprocess", "forward", "attention") else "image"
+        row = [f"{name} (per {unit})"] + [c for p in phases for c in cells(p["stages"].get(name))]
+        lines.append("| " + " | ".join(row) + " |")
+    row = ["request, server"] + [c for p in phases for c in cells(p["request"])]
+    lines.append("| " + " | ".join(row) + " |")
+    client = [
+        {"mean_ms": None, "p50_ms": p["client"]["p50_ms"], "p95_ms": p["client"]["p95_ms"]}
+        for p in phases
+    ]
+    row = ["request, client (wrk)"] + [c for figures in client for c in cells(figures)]
+    lines.append("| " + " | ".join(row) + " |")
+    summary = "; ".join(
+        f"c={p['concurrency']}: {p['client']['rps']:.0f} req/s, mean batch {p['mean_batch']}, "
+        f"{p['client']['errors']} errors"
+        for p in phases
+    )
+    return "\n".join(lines) + f"\n\nAll times in ms. {summary}.\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=15.0, help="length of each phase")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--out", type=Path, default=RESULTS / "stage-breakdown.json")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="stage-breakdown-") as folder:
+        result = stage_breakdown(args.concurrency, args.seconds, Path(folder))
+    table = markdown(result)
+    result["table"] = table
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

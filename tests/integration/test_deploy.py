@@ -31,6 +31,7 @@ from loadtests.stage_breakdown import JOB, Prometheus, run_prometheus
 from models.digits import load_split, render_digit
 from service.metrics import STAGES
 from tests.conftest import REPO
+from tests.utils import parse_exposition
 
 DEPLOY = REPO / "deploy"
 PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
@@ -566,13 +567,7 @@ def test_stage_quantiles_cover_every_stage(live: Live, traffic: Sent) -> None:
 
 
 def _series(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    series = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            series[key] = float(value)
-    return series
+    return parse_exposition(httpx.get(f"{url}/metrics", timeout=30).text)
 
 
 def test_health_probes_do_not_count_as_requests(live: Live, traffic: Sent) -> None:

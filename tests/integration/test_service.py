@@ -23,6 +23,7 @@ from service.loading import load_model
 from service.schemas import BatchItem, ClassifyResponse, ModelResponse
 from tests.conftest import DEFAULT_MODEL_DIR
 from tests.integration.conftest import SERVER_ENV
+from tests.utils import parse_exposition
 
 SPLIT = load_split()
 
@@ -34,18 +35,8 @@ def _digit_bytes(index: int, size: int, invert: bool, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def _series(text: str) -> dict[str, float]:
-    """Prometheus text format -> {'name{labels}': value}."""
-    series = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            series[key] = float(value)
-    return series
-
-
 def _batches_larger_than_one(server: Server) -> float:
-    series = _series(httpx.get(f"{server.url}/metrics").text)
+    series = parse_exposition(httpx.get(f"{server.url}/metrics").text)
     return series["vit_batch_size_count"] - series['vit_batch_size_bucket{le="1.0"}']
 
 

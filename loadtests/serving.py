@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["Server", "free_port", "serve"]
+__all__ = ["Server", "free_port", "serve", "wait_ready"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,6 +25,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_ready(
+    process: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float, what: str
+) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``process`` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited early:\n{log.read_text(errors='replace')[-4000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{what} not ready in {timeout_s} s:\n{log.read_text(errors='replace')[-4000:]}"
+            )
+        time.sleep(0.2)
 
 
 @dataclass(frozen=True)
@@ -70,18 +88,7 @@ def serve(
         )  # fmt: skip
     server = Server(f"http://127.0.0.1:{port}", log, process)
     try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited early:\n{server.log_text()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"not ready in {ready_timeout_s} s:\n{server.log_text()[-4000:]}"
-                )
-            time.sleep(0.25)
+        wait_ready(process, f"{server.url}/readyz", log, ready_timeout_s, "bentoml serve")
         yield server
     finally:
         with contextlib.suppress(ProcessLookupError):

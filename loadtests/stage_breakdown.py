@@ -37,7 +37,7 @@ import yaml
 
 from loadtests.bench import RESULTS, drive, machine
 from loadtests.samples import digit, multipart
-from loadtests.serving import REPO, free_port, serve
+from loadtests.serving import REPO, free_port, serve, wait_ready
 
 __all__ = ["Prometheus", "main", "run_prometheus", "stage_breakdown"]
 
@@ -136,18 +136,7 @@ def run_prometheus(
         )  # fmt: skip
     prom = Prometheus(f"http://127.0.0.1:{port}", process, log)
     try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"prometheus exited early:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{prom.url}/-/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"prometheus not ready in {ready_timeout_s} s:\n{log.read_text()}"
-                )
-            time.sleep(0.2)
+        wait_ready(process, f"{prom.url}/-/ready", log, ready_timeout_s, "prometheus")
         yield prom
     finally:
         process.send_signal(signal.SIGTERM)

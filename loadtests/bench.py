@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from loadtests.samples import digit, multipart, photo
-from loadtests.serving import REPO, serve
+from loadtests.serving import REPO, scrape, serve
 
 __all__ = ["Load", "drive", "machine", "main", "offline_throughput"]
 
@@ -205,19 +205,8 @@ async def _drive_async(
 
 def batch_counters(url: str) -> tuple[float, float]:
     """(images batched, batches run) so far, from the service's /metrics."""
-    for _ in range(3):
-        response = httpx.get(f"{url}/metrics", timeout=30)
-        values = {}
-        for line in response.text.splitlines():
-            if line.startswith(("vit_batch_size_sum ", "vit_batch_size_count ")):
-                name, value = line.split()
-                values[name] = float(value)
-        if response.status_code == 200 and len(values) == 2:
-            return values["vit_batch_size_sum"], values["vit_batch_size_count"]
-        time.sleep(0.5)
-    raise RuntimeError(
-        f"/metrics has no vit_batch_size ({response.status_code}):\n{response.text[:500]}"
-    )
+    series = scrape(url)
+    return series["vit_batch_size_sum"], series["vit_batch_size_count"]
 
 
 def measure(url: str, body: bytes, content_type: str, concurrency: int, seconds: float) -> Load:

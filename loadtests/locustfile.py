@@ -19,11 +19,11 @@ import threading
 import time
 from typing import Any
 
-import httpx
 from locust import FastHttpUser, LoadTestShape, between, events, task
 from locust.env import Environment
 
 from loadtests.samples import Sample, bad_samples, digit_samples, multipart, photo_samples
+from loadtests.serving import scrape
 
 _logger = logging.getLogger("vit-loadtest")
 
@@ -72,18 +72,15 @@ def _options(parser: Any) -> None:
 
 def _counters(host: str) -> dict[str, float]:
     """Sum of vit_images_total and of vit_request_duration_seconds_count, and batch sizes."""
-    text = httpx.get(f"{host}/metrics", timeout=30).text
     totals = {"images": 0.0, "requests": 0.0}
-    buckets: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("vit_images_total{"):
-            totals["images"] += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("vit_request_duration_seconds_count{"):
-            totals["requests"] += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("vit_batch_size_bucket{"):
-            le = line.split('le="')[1].split('"')[0]
-            buckets[le] = float(line.rsplit(" ", 1)[1])
-    return totals | {f"le={k}": v for k, v in buckets.items()}
+    for key, value in scrape(host).items():
+        if key.startswith("vit_images_total{"):
+            totals["images"] += value
+        elif key.startswith("vit_request_duration_seconds_count{"):
+            totals["requests"] += value
+        elif key.startswith("vit_batch_size_bucket{"):
+            totals["le=" + key.split('le="')[1].split('"')[0]] = value
+    return totals
 
 
 @events.test_start.add_listener
@@ -131,9 +128,7 @@ def _verdict(environment: Environment, **_: Any) -> None:
 def _drained_counters(host: str) -> dict[str, float]:
     """Counters once the service has finished what is in flight (bounded wait)."""
     for _ in range(40):
-        text = httpx.get(f"{host}/metrics", timeout=30).text
-        inflight = [line for line in text.splitlines() if line.startswith("vit_inflight_requests")]
-        if not inflight or float(inflight[0].rsplit(" ", 1)[1]) == 0:
+        if scrape(host).get("vit_inflight_requests", 0.0) == 0:
             break
         time.sleep(0.25)
     return _counters(host)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["Server", "free_port", "serve", "wait_ready"]
+__all__ = ["Server", "free_port", "parse_exposition", "scrape", "serve", "wait_ready"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,6 +25,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def parse_exposition(text: str) -> dict[str, float]:
+    """Prometheus text format -> {'name{labels}': value}."""
+    series = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            series[key] = float(value)
+    return series
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The service's /metrics, parsed."""
+    response = httpx.get(f"{url}/metrics", timeout=30)
+    response.raise_for_status()
+    return parse_exposition(response.text)
 
 
 def wait_ready(

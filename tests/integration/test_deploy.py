@@ -26,12 +26,11 @@ import httpx
 import pytest
 import yaml
 
-from loadtests.serving import Server, serve
+from loadtests.serving import Server, scrape, serve
 from loadtests.stage_breakdown import JOB, Prometheus, run_prometheus
 from models.digits import load_split, render_digit
 from service.metrics import STAGES
 from tests.conftest import REPO
-from tests.utils import parse_exposition
 
 DEPLOY = REPO / "deploy"
 PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
@@ -567,7 +566,7 @@ def test_stage_quantiles_cover_every_stage(live: Live, traffic: Sent) -> None:
 
 
 def _series(url: str) -> dict[str, float]:
-    return parse_exposition(httpx.get(f"{url}/metrics", timeout=30).text)
+    return scrape(url)
 
 
 def test_health_probes_do_not_count_as_requests(live: Live, traffic: Sent) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loadtests.serving import Server
+from loadtests.serving import Server, scrape
 from models.digits import load_split, render_digit
 from service.engine import Engine
 from service.imaging import decode_image
@@ -23,7 +23,6 @@ from service.loading import load_model
 from service.schemas import BatchItem, ClassifyResponse, ModelResponse
 from tests.conftest import DEFAULT_MODEL_DIR
 from tests.integration.conftest import SERVER_ENV
-from tests.utils import parse_exposition
 
 SPLIT = load_split()
 
@@ -36,7 +35,7 @@ def _digit_bytes(index: int, size: int, invert: bool, fmt: str) -> bytes:
 
 
 def _batches_larger_than_one(server: Server) -> float:
-    series = parse_exposition(httpx.get(f"{server.url}/metrics").text)
+    series = scrape(server.url)
     return series["vit_batch_size_count"] - series['vit_batch_size_bucket{le="1.0"}']
 
 

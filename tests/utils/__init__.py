@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-__all__ = ["TINY_ARGS", "encode", "make_tiny_dir", "parse_exposition", "tiny_model"]
+__all__ = ["TINY_ARGS", "encode", "make_tiny_dir", "tiny_model"]
 
 # Small enough to build in milliseconds; 32 px input, patch 8 -> grid 4x4.
 TINY_ARGS: dict[str, Any] = {
@@ -74,13 +74,3 @@ def encode(array: np.ndarray, fmt: str = "PNG", **save_args: Any) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=fmt, **save_args)
     return buffer.getvalue()
-
-
-def parse_exposition(text: str) -> dict[str, float]:
-    """Prometheus text format -> {'name{labels}': value}."""
-    series = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            series[key] = float(value)
-    return series

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from .batching import BatchStats, MicroBatcher, Overloaded
+from .cpus import available_cpus
 from .engine import ATTENTION_MODES, AttentionMode, Engine, ItemResult, crop_window
 from .explain import heatmap_png, top_k, top_patches
 from .imaging import ALLOWED_FORMATS, DecodedImage, ImageError, ImageLimits, decode_image
@@ -139,6 +141,12 @@ class Classifier:
         self.engine: Engine | None = None
         self.batcher: MicroBatcher[_Work, _Done] | None = None
         self.warmup_ms = 0.0
+        # Thread pools follow the CPUs this process may use (a container's CPU quota), not the
+        # host's core count; the decode pool is sized like Python's default executor.
+        self.cpus = available_cpus()
+        self.torch_threads = settings.torch_threads or self.cpus
+        self.cpu_pool_size = min(32, self.cpus + 4)
+        self._cpu_pool = ThreadPoolExecutor(self.cpu_pool_size, thread_name_prefix="vit-decode")
 
     # --- lifecycle -------------------------------------------------------------------------
     @property
@@ -157,8 +165,7 @@ class Classifier:
         """Load, warm up and open for traffic (blocking; run it off the event loop)."""
         settings = self.settings
         try:
-            if settings.torch_threads:
-                torch.set_num_threads(settings.torch_threads)
+            torch.set_num_threads(self.torch_threads)
             loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
             engine = Engine(loaded)
             self.warmup_ms = engine.warmup(settings.max_batch_size)
@@ -180,10 +187,12 @@ class Classifier:
                 model=info.name, source=info.source, dtype=info.dtype, device=info.device
             ).set(1)
         _logger.info(
-            "ready: %s warmed up at batch %d in %.0f ms",
+            "ready: %s warmed up at batch %d in %.0f ms (%d CPUs usable, %d torch threads)",
             info.name,
             settings.max_batch_size,
             self.warmup_ms,
+            self.cpus,
+            torch.get_num_threads(),
         )
         self._ready.set()
 
@@ -199,9 +208,10 @@ class Classifier:
             self.load()
 
     async def aclose(self) -> None:
-        """Stop the batcher."""
+        """Stop the batcher and the decode threads."""
         if self.batcher is not None:
             await self.batcher.aclose()
+        self._cpu_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- the model thread ------------------------------------------------------------------
     def _run_batch(self, work: list[_Work]) -> list[_Done]:
@@ -262,7 +272,7 @@ class Classifier:
 
         with batcher.arriving(len(uploads)):
             decoded = await asyncio.gather(
-                *(loop.run_in_executor(None, decode, upload) for upload in uploads)
+                *(loop.run_in_executor(self._cpu_pool, decode, upload) for upload in uploads)
             )
         good = [i for i, (image, _) in enumerate(decoded) if isinstance(image, DecodedImage)]
         work = [_Work(decoded[i][0].pixels, options.attention) for i in good]  # type: ignore[union-attr]
@@ -337,7 +347,7 @@ class Classifier:
             }
             if options.heatmap:
                 attention["heatmap_png"] = await loop.run_in_executor(
-                    None, heatmap_png, image, weights, info
+                    self._cpu_pool, heatmap_png, image, weights, info
                 )
             answer["attention"] = attention
         answer["patches"] = {
@@ -404,6 +414,11 @@ class Classifier:
                 "allowed_formats": sorted(ALLOWED_FORMATS),
             },
             "defaults": {"top_k": settings.default_top_k, "attention": settings.default_attention},
+            "runtime": {
+                "cpus": self.cpus,
+                "torch_threads": torch.get_num_threads(),
+                "decode_threads": self.cpu_pool_size,
+            },
             "ready": self.ready,
             "warmup_ms": round(self.warmup_ms, 1),
         }

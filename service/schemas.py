@@ -129,5 +129,11 @@ class ModelResponse(BaseModel):
     batching: dict[str, Any]
     limits: dict[str, Any]
     defaults: dict[str, Any]
+    runtime: dict[str, Any] = Field(
+        description=(
+            "cpus: CPUs this process may use (affinity capped by a cgroup CPU quota); "
+            "torch_threads: intra-op threads; decode_threads: the decode/heatmap pool."
+        )
+    )
     ready: bool
     warmup_ms: float

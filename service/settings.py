@@ -37,7 +37,14 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto' = bfloat16 where the hardware runs it fast, else float32."
     )
-    torch_threads: int = Field(0, ge=0, description="Intra-op CPU threads; 0 = all cores.")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Intra-op CPU threads; 0 = the CPUs this process may use (its CPU affinity, capped "
+            "by a container's cgroup CPU quota)."
+        ),
+    )
 
     workers: int = Field(1, ge=1, le=64, description="Worker processes, each with its own model.")
     request_timeout_s: int = Field(60, ge=1, description="Per-request timeout (BentoML traffic).")

@@ -16,7 +16,7 @@ URL ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install serve test test-unit test-integration test-e2e lint format train \
-        import-model bench loadtest clean
+        import-model bench loadtest container-test clean evaluate depth-study
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -57,6 +57,12 @@ format: $(STAMP) ## Apply ruff format and safe fixes
 train: $(STAMP) ## Retrain the default checkpoint into models/vit-digits
 	$(PY) -m models.train_digits --out models/vit-digits
 
+evaluate: $(STAMP) ## Score a digits checkpoint on held-out + out-of-distribution digits (MODEL=local-dir:...)
+	$(PY) -m models.evaluate_digits "$(or $(MODEL),local-dir:models/vit-digits)" --path service
+
+depth-study: $(STAMP) ## Train depth 2/4/6/8 (+ the old recipe) -> results/depth-study (~30 min, not in CI)
+	$(PY) -m models.depth_study --out results/depth-study
+
 import-model: $(STAMP) ## Put SOURCE into the BentoML model store as NAME (make import-model SOURCE=... NAME=...)
 	$(PY) -m models.import_model "$(SOURCE)" --name "$(NAME)"
 
@@ -66,6 +72,9 @@ loadtest: $(STAMP) ## Headless locust run (USERS, DURATION s, MAX_P95_MS, SHAPE=
 
 bench: $(STAMP) ## Offline vs served benchmarks -> results/bench-cpu.{json,md} (needs wrk)
 	$(PY) -m loadtests.bench cpu
+
+container-test: $(STAMP) ## Build the image with podman (no registry), run it, classify, scrape, stop -> results/container-test.json
+	$(PY) -m loadtests.container_check
 
 clean: ## Remove caches and results (keeps .venv)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache results

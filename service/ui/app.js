@@ -136,7 +136,7 @@
   });
   let rerun;
   $("#controls").addEventListener("change", (e) => {
-    if (e.target === ui.input || !state.files.length) return;
+    if (e.target === ui.input || e.target.name === "ink" || !state.files.length) return;
     clearTimeout(rerun);
     rerun = setTimeout(() => classify(state.files, performance.now()), 250);
   });
@@ -168,6 +168,99 @@
     if (cur.length) out.push(cur);
     return out;
   }
+
+  // --- drawing pad: mouse, touch and pen through pointer events -----------------------------
+  // Strokes are kept as points so switching the ink repaints the same drawing; each lifted
+  // stroke sends the whole pad as a PNG, which is then shown exactly like an upload.
+  const pad = {
+    canvas: $("#pad"), clear: $("#pad-clear"), strokes: [], active: null, seq: 0,
+  };
+  pad.ctx = pad.canvas.getContext("2d");
+  const inkColors = () => ($("input[name=ink]:checked").value === "light"
+    ? { paper: "#000", ink: "#fff" } : { paper: "#fff", ink: "#000" });
+
+  function padPaint() {
+    const { ctx, canvas } = pad;
+    const { paper, ink } = inkColors();
+    canvas.style.background = paper;
+    ctx.fillStyle = paper;
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    ctx.strokeStyle = ink;
+    ctx.fillStyle = ink;
+    ctx.lineCap = "round";
+    ctx.lineJoin = "round";
+    // A pen about as wide as a marker on paper: 1/15 of the pad.
+    ctx.lineWidth = canvas.width / 15;
+    for (const points of pad.strokes) {
+      ctx.beginPath();
+      if (points.length === 1) {
+        ctx.arc(points[0][0], points[0][1], ctx.lineWidth / 2, 0, 2 * Math.PI);
+        ctx.fill();
+        continue;
+      }
+      ctx.moveTo(points[0][0], points[0][1]);
+      for (const [x, y] of points.slice(1)) ctx.lineTo(x, y);
+      ctx.stroke();
+    }
+  }
+
+  function padPoint(e) {
+    const r = pad.canvas.getBoundingClientRect();
+    return [
+      ((e.clientX - r.left) * pad.canvas.width) / r.width,
+      ((e.clientY - r.top) * pad.canvas.height) / r.height,
+    ];
+  }
+
+  function padSend() {
+    if (!pad.strokes.length) return;
+    const started = performance.now();
+    const name = `drawing-${++pad.seq}.png`;
+    pad.canvas.toBlob((blob) => {
+      if (blob) classify([new File([blob], name, { type: "image/png" })], started);
+    }, "image/png");
+  }
+
+  pad.canvas.addEventListener("pointerdown", (e) => {
+    if (e.button !== 0 && e.pointerType === "mouse") return;
+    e.preventDefault();
+    pad.canvas.setPointerCapture(e.pointerId);
+    pad.active = { id: e.pointerId, points: [padPoint(e)] };
+    pad.strokes.push(pad.active.points);
+    padPaint();
+  });
+  pad.canvas.addEventListener("pointermove", (e) => {
+    if (!pad.active || e.pointerId !== pad.active.id) return;
+    const events = e.getCoalescedEvents ? e.getCoalescedEvents() : [e];
+    for (const ev of events.length ? events : [e]) pad.active.points.push(padPoint(ev));
+    padPaint();
+  });
+  for (const type of ["pointerup", "pointercancel"]) {
+    pad.canvas.addEventListener(type, (e) => {
+      if (!pad.active || e.pointerId !== pad.active.id) return;
+      pad.active = null;
+      padSend();
+    });
+  }
+  pad.clear.addEventListener("click", () => {
+    pad.strokes = [];
+    pad.active = null;
+    padPaint();
+    pad.canvas.focus();
+  });
+  pad.canvas.addEventListener("keydown", (e) => {
+    if (e.key === "Delete" || e.key === "Backspace" || e.key === "Escape") {
+      e.preventDefault();
+      pad.clear.click();
+    }
+  });
+  for (const radio of document.querySelectorAll("input[name=ink]")) {
+    radio.addEventListener("change", () => {
+      padPaint();
+      padSend();
+    });
+  }
+  padPaint();
 
   // --- classify ----------------------------------------------------------------------------
   async function classify(files, started) {

@@ -15,6 +15,9 @@ import httpx
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.actions import interaction
+from selenium.webdriver.common.actions.action_builder import ActionBuilder
+from selenium.webdriver.common.actions.pointer_input import PointerInput
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
@@ -107,6 +110,110 @@ def _drop(driver: webdriver.Chrome, path: Path, event: str = "drop", name: str =
         event,
     )
     _wait_done(driver)
+
+
+# Strokes as points in fractions of the pad from its centre (x right, y down), the way a person
+# draws them: a "1" as one down-stroke with a small lead-in, a "7" as a bar and a diagonal.
+DRAWINGS: dict[str, list[list[tuple[float, float]]]] = {
+    "1": [[(-0.08, -0.26), (0.02, -0.34), (0.02, -0.1), (0.01, 0.12), (0.0, 0.34)]],
+    "7": [[(-0.24, -0.3), (0.0, -0.31), (0.24, -0.31), (0.1, -0.02), (-0.04, 0.34)]],
+}
+
+
+def _draw(
+    driver: webdriver.Chrome, pad: WebElement, strokes: list[list[tuple[float, float]]], kind: str
+) -> None:
+    """Draw with W3C pointer actions of ``kind`` (mouse, pen or touch) on the pad."""
+    size = pad.rect["width"]
+    pointer = PointerInput(kind, f"{kind}-drawer")
+    actions = ActionBuilder(driver, mouse=pointer, duration=30)
+    for stroke in strokes:
+        x, y = stroke[0]
+        actions.pointer_action.move_to(pad, round(x * size), round(y * size))
+        actions.pointer_action.pointer_down(pressure=0.5)
+        for x, y in stroke[1:]:
+            # Several small moves per segment, as a real pointer reports them.
+            actions.pointer_action.move_to(pad, round(x * size), round(y * size))
+        actions.pointer_action.pointer_up()
+    actions.perform()
+
+
+def _pad_pixels(driver: webdriver.Chrome) -> dict[str, int]:
+    return driver.execute_script(
+        """
+        const c = document.getElementById("pad");
+        const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+        let dark = 0, light = 0;
+        for (let i = 0; i < d.length; i += 4) { if (d[i] < 128) dark++; else light++; }
+        return {dark, light};
+        """
+    )
+
+
+@pytest.mark.parametrize(
+    ("digit", "kind", "ink"),
+    [
+        ("1", interaction.POINTER_PEN, "dark"),
+        ("7", interaction.POINTER_MOUSE, "dark"),
+        ("7", interaction.POINTER_TOUCH, "light"),
+        ("1", interaction.POINTER_MOUSE, "light"),
+    ],
+)
+def test_drawn_digit_is_classified_like_an_upload(
+    page: webdriver.Chrome, shots: Path, digit: str, kind: str, ink: str
+) -> None:
+    _testid(page, f"ink-{ink}")[0].click()
+    pad = _testid(page, "draw-pad")[0]
+    page.execute_script("arguments[0].scrollIntoView({block: 'center'})", pad)
+    _draw(page, pad, DRAWINGS[digit], kind)
+    _wait_done(page)
+    card = _card(page, "drawing-1.png")
+    page.save_screenshot(str(shots / f"drawn-{digit}-{kind}-{ink}.png"))
+    assert _attr(card, "data-state") == "ok"
+    predictions = _testid(card, "prediction")
+    assert _attr(predictions[0], "data-label") == digit, [
+        (_attr(p, "data-label"), _attr(p, "data-score")) for p in predictions
+    ]
+    # Shown exactly like an upload: heatmap at the pad's size, the 4×4 patch grid, timing.
+    heat = _testid(card, "heatmap")[0]
+    assert heat.is_displayed()
+    assert page.execute_script("return arguments[0].naturalWidth", heat) == 280
+    assert len(_testid(card, "patch-cell")) == 16
+    assert _testid(card, "timing")
+    pixels = _pad_pixels(page)
+    ink_pixels = pixels["dark"] if ink == "dark" else pixels["light"]
+    assert 0 < ink_pixels < (pixels["dark"] + pixels["light"]) / 3
+    assert _console_problems(page) == []
+
+
+def test_pad_clears_from_the_keyboard_and_switches_ink(page: webdriver.Chrome) -> None:
+    pad = _testid(page, "draw-pad")[0]
+    page.execute_script("arguments[0].scrollIntoView({block: 'center'})", pad)
+    _draw(page, pad, DRAWINGS["7"], interaction.POINTER_MOUSE)
+    _wait_done(page)
+    drawn = _pad_pixels(page)
+    assert drawn["dark"] > 0
+
+    # Light ink repaints the same strokes inverted and asks again.
+    _testid(page, "ink-light")[0].click()
+    WebDriverWait(page, 10).until(lambda _: _pad_pixels(page)["light"] == drawn["dark"])
+    WebDriverWait(page, 20).until(lambda d: _card(d, "drawing-2.png") is not None)
+    _wait_done(page)
+    assert _attr(_card(page, "drawing-2.png"), "data-top1") == "7"
+
+    # Tab from the pad reaches Clear; Enter wipes the pad to plain paper.
+    page.execute_script("arguments[0].focus()", pad)
+    page.switch_to.active_element.send_keys(Keys.TAB)
+    assert _attr(page.switch_to.active_element, "data-testid") == "pad-clear"
+    page.switch_to.active_element.send_keys(Keys.ENTER)
+    assert _pad_pixels(page)["light"] == 0
+    # Delete on the focused pad clears too.
+    _draw(page, pad, DRAWINGS["1"], interaction.POINTER_MOUSE)
+    _wait_done(page)
+    page.execute_script("arguments[0].focus()", pad)
+    page.switch_to.active_element.send_keys(Keys.DELETE)
+    assert _pad_pixels(page)["light"] == 0
+    assert _console_problems(page) == []
 
 
 def test_page_loads_with_model_panel(page: webdriver.Chrome, server: Server, shots: Path) -> None:

@@ -1,5 +1,7 @@
 """The committed default checkpoint ``models/vit-digits``: loads with plain timm, is accurate on
-the held-out digits in both polarities, and has the patch geometry the service reports."""
+the held-out digits and on the out-of-distribution set (held-out font families and pen templates)
+in both polarities, through plain timm and through the service's own preprocessing, and has the
+patch geometry the service reports."""
 
 from __future__ import annotations
 
@@ -10,11 +12,14 @@ import torch
 from timm.data import create_transform, resolve_model_data_config
 
 from models.digits import load_split, render_digit
+from models.evaluate_digits import POLARITIES, evaluate, service_predictor, timm_predictor
+from models.synth import OodSet, build_ood_set
 from tests.conftest import DEFAULT_MODEL_DIR
 
 __all__: list[str] = []
 
 MIN_TEST_ACCURACY = 0.97
+MIN_OOD_ACCURACY = 0.90
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +37,39 @@ def test_held_out_accuracy_per_polarity(model: torch.nn.Module, invert: bool) ->
     accuracy = float(np.mean(pred == split.y_test))
     assert len(split.y_test) == 360
     assert accuracy >= MIN_TEST_ACCURACY, f"test accuracy {accuracy:.4f} (invert={invert})"
+
+
+@pytest.fixture(scope="module")
+def ood() -> OodSet:
+    return build_ood_set()
+
+
+@pytest.mark.parametrize("invert", [False, True], ids=["light_on_dark", "dark_on_light"])
+def test_out_of_distribution_accuracy_per_polarity(
+    model: torch.nn.Module, ood: OodSet, invert: bool
+) -> None:
+    name = "dark_on_light" if invert else "light_on_dark"
+    transform = create_transform(**resolve_model_data_config(model))
+    batch = torch.stack([transform(img) for img in ood.images[name]])
+    with torch.no_grad():
+        pred = model(batch).argmax(1).numpy()
+    accuracy = float(np.mean(pred == ood.labels))
+    assert len(ood.labels) == 940
+    assert accuracy >= MIN_OOD_ACCURACY, f"OOD accuracy {accuracy:.4f} ({name})"
+
+
+def test_accuracy_through_the_service_preprocessing_matches_plain_timm(
+    model: torch.nn.Module, ood: OodSet
+) -> None:
+    # PNG bytes -> service.imaging -> service.engine's batched resize/crop, as /classify does.
+    served, served_pred = evaluate(service_predictor(f"local-dir:{DEFAULT_MODEL_DIR}"), ood)
+    _, plain_pred = evaluate(timm_predictor(model), ood)
+    for name in POLARITIES:
+        assert served["held_out"][name] >= MIN_TEST_ACCURACY, (name, served["held_out"])
+        assert served["ood"][name] >= MIN_OOD_ACCURACY, (name, served["ood"])
+        # Two resize implementations (PIL antialias vs grid_sample) may flip a borderline few.
+        agree = np.mean(served_pred[f"ood/{name}"] == plain_pred[f"ood/{name}"])
+        assert agree >= 0.97, (name, agree)
 
 
 def test_patch_embedding_is_a_linear_map_of_unfolded_patches(model: torch.nn.Module) -> None:

@@ -60,7 +60,7 @@ train: $(STAMP) ## Retrain the default checkpoint into models/vit-digits
 evaluate: $(STAMP) ## Score a digits checkpoint on held-out + out-of-distribution digits (MODEL=local-dir:...)
 	$(PY) -m models.evaluate_digits "$(or $(MODEL),local-dir:models/vit-digits)" --path service
 
-depth-study: $(STAMP) ## Train depth 2/4/6/8 (+ the old recipe) -> results/depth-study (~30 min, not in CI)
+depth-study: $(STAMP) ## Train depth 2/4/6/8 (+ the old recipe) -> results/depth-study (~23 min, not in CI)
 	$(PY) -m models.depth_study --out results/depth-study
 
 import-model: $(STAMP) ## Put SOURCE into the BentoML model store as NAME (make import-model SOURCE=... NAME=...)

@@ -8,7 +8,9 @@ latency at batch 1 and 32 (fp32, 2 threads, median of repeated runs), held-out a
 out-of-distribution accuracy. The previous recipe (sklearn digits only) is trained once at the
 shipped depth for the before/after picture. Writes ``study.json``, ``study.md`` and
 ``depth-study.png`` (train loss, validation accuracy and the OOD monitor per epoch, per depth)
-into ``--out``; ``make depth-study`` runs it (about half an hour on 2 cores, not part of CI).
+into ``--out``; ``make depth-study`` runs it (23 minutes on 2 quiet cores, not part of CI).
+Training times and latencies are only comparable within one quiet run; ``--remeasure`` re-times
+the forward passes of an existing study without training again.
 """
 
 from __future__ import annotations
@@ -46,14 +48,18 @@ def forward_latency_ms(model: torch.nn.Module, batch: int, repeats: int = 50) ->
     return statistics.median(times)
 
 
-def _row(name: str, depth: int, record: dict[str, Any], folder: Path) -> dict[str, Any]:
-    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+def _latency(model: torch.nn.Module) -> dict[str, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        latency = {str(b): forward_latency_ms(model, b) for b in BATCHES}
+        return {str(b): forward_latency_ms(model, b) for b in BATCHES}
     finally:
         torch.set_num_threads(threads)
+
+
+def _row(name: str, depth: int, record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    latency = _latency(model)
     ev = record["evaluation"]
     best = record["epochs"][record["best_epoch"] - 1]
     return {
@@ -140,10 +146,33 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", type=Path, default=Path("results/depth-study"))
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 4, 6, 8])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="only re-time the forward passes of the runs in --out (on a quiet machine)",
+    )
+    parser.add_argument("--rounds", type=int, default=7, help="--remeasure: rounds per model")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows = run_study(args.out, args.depths, args.seed)
+    if args.remeasure:
+        rows = json.loads((args.out / "study.json").read_text())
+        models = [
+            timm.create_model(f"local-dir:{args.out / row['run']}", pretrained=True).eval()
+            for row in rows
+        ]
+        # Round-robin, so a noisy moment on a shared machine hits every model alike.
+        rounds: list[list[dict[str, float]]] = [[] for _ in rows]
+        for _ in range(args.rounds):
+            for i, model in enumerate(models):
+                rounds[i].append(_latency(model))
+        for row, measured in zip(rows, rounds, strict=True):
+            row["latency_ms"] = {
+                str(b): statistics.median(m[str(b)] for m in measured) for b in BATCHES
+            }
+        (args.out / "study.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    else:
+        rows = run_study(args.out, args.depths, args.seed)
     table = _table(rows)
     (args.out / "study.md").write_text(table, encoding="utf-8")
     _plot(rows, args.out / "depth-study.png")

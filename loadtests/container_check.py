@@ -52,7 +52,7 @@ from loadtests.serving import REPO, free_port, parse_exposition, wait_ready
 from loadtests.stage_breakdown import JOB, Prometheus
 from models.digits import load_split
 
-__all__ = ["main", "run"]
+__all__ = ["build_bento", "main", "run"]
 
 CONTAINER_DIR = REPO / "deploy" / "container"
 CONTAINERS_CONF = CONTAINER_DIR / "containers.conf"
@@ -115,6 +115,23 @@ def _timed(command: list[str], log: Path, env: dict[str, str], timeout: float) -
 # --- build ------------------------------------------------------------------------------------
 
 
+def build_bento(home: Path, bentofile: Path | None = None) -> tuple[str, Path]:
+    """``bentoml build`` (of ``bentofile``, else the top-level one) into its own BentoML home.
+
+    Returns:
+        The Bento's tag and its folder.
+    """
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    command = [sys.executable, "-m", "bentoml", "build", "--output", "tag"]
+    if bentofile is not None:
+        command += ["-f", str(bentofile), "."]
+    build = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if build.returncode != 0:
+        raise RuntimeError(f"bentoml build failed:\n{build.stderr[-4000:]}")
+    tag = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    return tag, home / "bentos" / "vit-classifier" / tag.split(":", 1)[1]
+
+
 def build_image(report: Report, work: Path, logs: Path) -> Path:
     """Base images (if missing), the Bento, the image; the Bento's folder."""
     env = _podman_env()
@@ -128,18 +145,11 @@ def build_image(report: Report, work: Path, logs: Path) -> Path:
     )
 
     home = work / "bentoml-home"
-    bento_env = {**env, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     started = time.monotonic()
-    build = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "-f", str(BENTOFILE), "--output", "tag", "."],
-        cwd=REPO, env=bento_env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    if build.returncode != 0:
-        raise RuntimeError(f"bentoml build failed:\n{build.stderr[-4000:]}")
+    tag, bento = build_bento(home, BENTOFILE)
     report.facts["bento_build_s"] = round(time.monotonic() - started, 1)
-    tag = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     report.facts["bento"] = tag
-    bento = home / "bentos" / "vit-classifier" / tag.split(":", 1)[1]
+    bento_env = {**env, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
 
     previous = _podman("image", "inspect", "--format", "{{.Id}}", IMAGE, check=False)
     report.facts["image_build_s"] = _timed(

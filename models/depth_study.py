@@ -27,7 +27,8 @@ import timm
 import torch
 from matplotlib.figure import Figure
 
-from models.train_digits import MODEL_ARGS, POLARITIES, train
+from models.digits import POLARITIES
+from models.train_digits import MODEL_ARGS, train
 
 __all__ = ["forward_latency_ms", "main", "run_study"]
 

@@ -19,6 +19,7 @@ from sklearn.model_selection import train_test_split
 __all__ = [
     "DIGIT_MAX",
     "LABEL_NAMES",
+    "POLARITIES",
     "TEST_FRACTION",
     "TEST_RANDOM_STATE",
     "VAL_FRACTION",
@@ -28,6 +29,8 @@ __all__ = [
 ]
 
 LABEL_NAMES: list[str] = [str(digit) for digit in range(10)]
+# Name -> ``invert`` flag of ``render_digit``: sklearn's own light ink on dark, and dark on light.
+POLARITIES: dict[str, bool] = {"light_on_dark": False, "dark_on_light": True}
 DIGIT_MAX = 16.0
 TEST_FRACTION = 0.2
 TEST_RANDOM_STATE = 0

@@ -30,11 +30,10 @@ from matplotlib.figure import Figure
 from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 
-from models.digits import load_split, render_digit
+from models.digits import POLARITIES, load_split, render_digit
 from models.synth import OodSet, build_ood_set
 
 __all__ = [
-    "POLARITIES",
     "Predictor",
     "confusion_matrix",
     "evaluate",
@@ -45,8 +44,6 @@ __all__ = [
     "timm_predictor",
 ]
 
-# Name -> ``invert`` flag of ``render_digit``.
-POLARITIES: dict[str, bool] = {"light_on_dark": False, "dark_on_light": True}
 Predictor = Callable[[Sequence[Image.Image]], np.ndarray]
 
 
@@ -90,12 +87,6 @@ def service_predictor(source: str, batch_size: int = 32) -> Predictor:
     return predict
 
 
-def held_out_images(invert: bool, size: int = 32) -> tuple[list[Image.Image], np.ndarray]:
-    """The 360 held-out sklearn digits drawn at ``size`` px in one polarity."""
-    split = load_split()
-    return [render_digit(x, size, invert) for x in split.X_test], split.y_test
-
-
 def confusion_matrix(y: np.ndarray, pred: np.ndarray, classes: int = 10) -> np.ndarray:
     """``m[true, predicted]`` counts."""
     m = np.zeros((classes, classes), dtype=np.int64)
@@ -118,13 +109,13 @@ def evaluate(
     """
     ood = ood if ood is not None else build_ood_set()
     kinds = ood.kinds()
+    split = load_split()
     report: dict[str, Any] = {"held_out": {}, "ood": {}, "ood_by_kind": {}, "ood_count": {}}
     predictions: dict[str, np.ndarray] = {}
     for name, invert in POLARITIES.items():
-        images, y = held_out_images(invert)
-        pred = predict(images)
+        pred = predict([render_digit(x, 32, invert) for x in split.X_test])
         predictions[f"held_out/{name}"] = pred
-        report["held_out"][name] = float(np.mean(pred == y))
+        report["held_out"][name] = float(np.mean(pred == split.y_test))
 
         pred = predict(ood.images[name])
         predictions[f"ood/{name}"] = pred

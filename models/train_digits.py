@@ -46,7 +46,7 @@ from timm.layers import build_sincos2d_pos_embed
 from timm.models import save_for_hf
 from timm.utils import ModelEmaV3
 
-from models.digits import DIGIT_MAX, LABEL_NAMES, load_split, render_digit
+from models.digits import DIGIT_MAX, LABEL_NAMES, POLARITIES, load_split, render_digit
 from models.evaluate_digits import (
     confusion_matrix,
     evaluate,
@@ -71,7 +71,6 @@ __all__ = [
     "HPARAMS",
     "INIT",
     "MODEL_ARGS",
-    "POLARITIES",
     "RECIPES",
     "augment_batch",
     "create_digits_model",
@@ -102,8 +101,6 @@ DATA_CONFIG: dict[str, Any] = {
     "crop_pct": 1.0,
     "crop_mode": "center",
 }
-# Name -> ``invert`` flag of ``render_digit``.
-POLARITIES: dict[str, bool] = {"light_on_dark": False, "dark_on_light": True}
 EVAL_SIZES = (32, 64, 100, 200)
 
 HPARAMS: dict[str, Any] = {
@@ -464,7 +461,6 @@ def _eval_inputs(
     return (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
 
 
-@torch.no_grad()
 def evaluate_test(
     model: torch.nn.Module, X: np.ndarray, y: np.ndarray, sizes: Sequence[int] = EVAL_SIZES
 ) -> dict[str, dict[str, float]]:
@@ -482,15 +478,14 @@ def evaluate_test(
     Returns:
         ``{str(size): {polarity: accuracy}}``.
     """
-    transform = create_transform(**resolve_model_data_config(model))
-    results: dict[str, dict[str, float]] = {}
-    for size in sizes:
-        results[str(size)] = {}
-        for name, invert in POLARITIES.items():
-            batch = torch.stack([transform(render_digit(x, size, invert)) for x in X])
-            pred = model(batch).argmax(1).numpy()
-            results[str(size)][name] = float((pred == y).mean())
-    return results
+    predict = timm_predictor(model)
+    return {
+        str(size): {
+            name: float(np.mean(predict([render_digit(x, size, invert) for x in X]) == y))
+            for name, invert in POLARITIES.items()
+        }
+        for size in sizes
+    }
 
 
 def _lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:

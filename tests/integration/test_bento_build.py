@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from loadtests.container_check import build_bento
 from tests.conftest import REPO
 
 OFFLINE_BENTOFILE = REPO / "deploy" / "container" / "bentofile.yaml"
@@ -48,16 +49,9 @@ print(json.dumps({
 
 
 def _build(home: Path, bentofile: Path | None = None) -> Path:
-    """``bentoml build`` into its own BentoML home; the built Bento's folder."""
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    command = [sys.executable, "-m", "bentoml", "build", "--output", "tag"]
-    if bentofile is not None:
-        command += ["-f", str(bentofile), "."]
-    build = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-3000:]
-    tag = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    tag, bento = build_bento(home, bentofile)
     assert tag.startswith("vit-classifier:")
-    return home / "bentos" / "vit-classifier" / tag.split(":", 1)[1]
+    return bento
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pytest
 import timm
 import torch
 
-from models.digits import load_split, render_digit
+from models.digits import POLARITIES, load_split, render_digit
 from models.synth import MASK_FILL, TRAIN_FONTS, font_masks
-from models.train_digits import POLARITIES, RECIPES, augment_batch, main, render_batch
+from models.train_digits import RECIPES, augment_batch, main, render_batch
 
 __all__: list[str] = []
 

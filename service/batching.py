@@ -44,7 +44,6 @@ class BatchStats:
 
     size: int
     waits_s: list[float]  # per item: time from enqueue to the batch starting
-    run_s: float
 
 
 @dataclass
@@ -159,7 +158,7 @@ class MicroBatcher(Generic[In, Out]):
                 if not p.future.done():
                     p.future.set_result((out, wait))
             if self._on_batch is not None:
-                self._on_batch(BatchStats(len(batch), waits, self._last_run_s))
+                self._on_batch(BatchStats(len(batch), waits))
 
     async def _gather_more(self) -> None:
         """Wait (bounded) for requests still decoding, if the batch has room for them."""

@@ -11,32 +11,30 @@ fused kernel.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .loading import LoadedModel, ModelInfo
+from .explain import crop_window
+from .loading import LoadedModel
+from .options import ATTENTION_MODES, AttentionMode
 
 __all__ = [
-    "ATTENTION_MODES",
-    "AttentionMode",
     "BatchResult",
     "Engine",
     "ItemResult",
-    "crop_window",
     "rollout",
 ]
 
 _logger = logging.getLogger(__name__)
 
-AttentionMode = Literal["none", "cls", "rollout"]
-ATTENTION_MODES: tuple[AttentionMode, ...] = ("none", "cls", "rollout")
+# A decoded image: uint8 HWC, a numpy array (Pillow) or a tensor on the device (nvJPEG).
+Image = np.ndarray | torch.Tensor
 _RANK = {mode: rank for rank, mode in enumerate(ATTENTION_MODES)}
 _GRID_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
 
@@ -47,7 +45,6 @@ class ItemResult:
 
     probs: np.ndarray  # (num_classes,) float32 softmax
     attention: np.ndarray | None  # (rows, cols) float32 over patches, sums to 1; None for "none"
-    crop: tuple[float, float, float, float]  # (x0, y0, x1, y1) the model saw, in pixels' coords
 
 
 @dataclass(frozen=True)
@@ -58,27 +55,6 @@ class BatchResult:
     preprocess_ms: float
     forward_ms: float
     attention_ms: float
-
-
-def crop_window(height: int, width: int, info: ModelInfo) -> tuple[float, float, float, float]:
-    """The region (x0, y0, x1, y1) of an image that timm's eval transform turns into the input.
-
-    Center mode: resize so the shorter side is ``input/crop_pct`` (keeping the aspect ratio),
-    then take the centered input-sized crop. Squash mode resizes each axis independently.
-    """
-    in_h, in_w = info.input_size[1], info.input_size[2]
-    scale_h = math.floor(in_h / info.crop_pct)
-    scale_w = math.floor(in_w / info.crop_pct)
-    if info.crop_mode == "squash":
-        fy, fx = scale_h / height, scale_w / width
-    elif scale_h == scale_w:
-        fy = fx = scale_h / min(height, width)
-    else:
-        fy = fx = max(scale_h / height, scale_w / width)
-    crop_h, crop_w = in_h / fy, in_w / fx
-    y0 = (height - crop_h) / 2
-    x0 = (width - crop_w) / 2
-    return (x0, y0, x0 + crop_w, y0 + crop_h)
 
 
 def rollout(layers: Sequence[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
@@ -130,7 +106,7 @@ class Engine:
         return hook
 
     @torch.inference_mode()
-    def run(self, images: Sequence[np.ndarray], modes: Sequence[AttentionMode]) -> BatchResult:
+    def run(self, images: Sequence[Image], modes: Sequence[AttentionMode]) -> BatchResult:
         """Classify a batch; ``modes[i]`` is the attention image ``i`` asked for."""
         if not images:
             return BatchResult([], 0.0, 0.0, 0.0)
@@ -152,9 +128,9 @@ class Engine:
                 first.attention_ms + second.attention_ms,
             )
 
-    def _run(self, images: Sequence[np.ndarray], modes: Sequence[AttentionMode]) -> BatchResult:
+    def _run(self, images: Sequence[Image], modes: Sequence[AttentionMode]) -> BatchResult:
         started = time.perf_counter()
-        batch, crops = self.preprocess(images)
+        batch = self.preprocess(images)
         self._sync()
         preprocessed = time.perf_counter()
 
@@ -176,10 +152,7 @@ class Engine:
         self._capture = [None] * depth
         finished = time.perf_counter()
 
-        items = [
-            ItemResult(probs=probs[i], attention=attention[i], crop=crops[i])
-            for i in range(len(images))
-        ]
+        items = [ItemResult(probs=probs[i], attention=attention[i]) for i in range(len(images))]
         return BatchResult(
             items,
             preprocess_ms=(preprocessed - started) * 1e3,
@@ -187,29 +160,37 @@ class Engine:
             attention_ms=(finished - forwarded) * 1e3,
         )
 
-    def preprocess(
-        self, images: Sequence[np.ndarray]
-    ) -> tuple[torch.Tensor, list[tuple[float, float, float, float]]]:
-        """Pack uint8 HWC images into one normalized (B, C, H, W) model input on the device."""
+    def preprocess(self, images: Sequence[Image]) -> torch.Tensor:
+        """Pack uint8 HWC images into one normalized (B, C, H, W) model input on the device.
+
+        Images are numpy arrays (decoded by Pillow) or tensors already on the device (decoded
+        there from JPEG); either way each one's exact resize and crop happen here, together.
+        """
         heights = [img.shape[0] for img in images]
         widths = [img.shape[1] for img in images]
         canvas_h, canvas_w = max(heights), max(widths)
-        canvas = np.empty((len(images), canvas_h, canvas_w, 3), dtype=np.uint8)
-        for i, img in enumerate(images):
-            h, w = img.shape[:2]
-            canvas[i, :h, :w] = img
-            # Edge-replicate into the unused canvas so samples at an image border see that
-            # border (as a single-image resize would), not a neighbour's padding.
-            canvas[i, h:, :w] = img[h - 1 : h]
-            canvas[i, :, w:] = canvas[i, :, w - 1 : w]
-        pixels = torch.from_numpy(canvas)
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        if all(isinstance(img, np.ndarray) for img in images):
+            host = np.empty((len(images), canvas_h, canvas_w, 3), dtype=np.uint8)
+            _fill_canvas(host, images)
+            pixels = torch.from_numpy(host)
+            if self.device.type == "cuda":
+                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        else:
+            pixels = torch.empty(
+                (len(images), canvas_h, canvas_w, 3), dtype=torch.uint8, device=self.device
+            )
+            on_device = [
+                img.to(self.device)
+                if isinstance(img, torch.Tensor)
+                else torch.from_numpy(img).to(self.device)
+                for img in images
+            ]
+            _fill_canvas(pixels, on_device)
         pixels = pixels.permute(0, 3, 1, 2).float()
 
-        crops = [crop_window(h, w, self.info) for h, w in zip(heights, widths, strict=True)]
         theta = torch.zeros((len(images), 2, 3), dtype=torch.float32)
-        for i, (x0, y0, x1, y1) in enumerate(crops):
+        for i, (h, w) in enumerate(zip(heights, widths, strict=True)):
+            x0, y0, x1, y1 = crop_window(h, w, self.info)
             # Map output coords in [-1, 1] onto the crop window inside this image's canvas slot.
             theta[i, 0, 0] = (x1 - x0) / canvas_w
             theta[i, 0, 2] = (x0 + x1) / canvas_w - 1
@@ -224,8 +205,7 @@ class Engine:
         )
         if self._interp == "bicubic":
             resized = resized.clamp_(0, 255)
-        batch = (resized * self._scale + self._shift).to(self.dtype)
-        return batch, crops
+        return (resized * self._scale + self._shift).to(self.dtype)
 
     def _forward(self, batch: torch.Tensor, wanted: list[int]) -> torch.Tensor:
         fused = [block.attn.fused_attn for block in self._blocks]
@@ -274,6 +254,17 @@ class Engine:
         self.run(images, ["rollout"] * batch_size)
         self.run(images[:1], ["none"])
         return (time.perf_counter() - started) * 1e3
+
+
+def _fill_canvas(canvas: Any, images: Sequence[Any]) -> None:
+    """Copy each HWC image into its canvas slot (numpy or torch, same slicing)."""
+    for i, img in enumerate(images):
+        h, w = img.shape[:2]
+        canvas[i, :h, :w] = img
+        # Edge-replicate into the unused canvas so samples at an image border see that
+        # border (as a single-image resize would), not a neighbour's padding.
+        canvas[i, h:, :w] = img[h - 1 : h]
+        canvas[i, :, w:] = canvas[i, :, w - 1 : w]
 
 
 def _normalize(weights: torch.Tensor) -> torch.Tensor:

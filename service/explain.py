@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .engine import crop_window
 from .imaging import DecodedImage
 from .loading import ModelInfo
 
-__all__ = ["heatmap_png", "patch_box", "top_k", "top_patches"]
+__all__ = ["crop_window", "heatmap_png", "patch_box", "top_k", "top_patches"]
 
 # A perceptual dark-to-bright ramp (magma-like), 256 entries, made once.
 _STOPS = np.array(
@@ -39,6 +39,27 @@ _LUT = np.stack(
     ],
     axis=1,
 ).astype(np.uint8)
+
+
+def crop_window(height: int, width: int, info: ModelInfo) -> tuple[float, float, float, float]:
+    """The region (x0, y0, x1, y1) of an image that timm's eval transform turns into the input.
+
+    Center mode: resize so the shorter side is ``input/crop_pct`` (keeping the aspect ratio),
+    then take the centered input-sized crop. Squash mode resizes each axis independently.
+    """
+    in_h, in_w = info.input_size[1], info.input_size[2]
+    scale_h = math.floor(in_h / info.crop_pct)
+    scale_w = math.floor(in_w / info.crop_pct)
+    if info.crop_mode == "squash":
+        fy, fx = scale_h / height, scale_w / width
+    elif scale_h == scale_w:
+        fy = fx = scale_h / min(height, width)
+    else:
+        fy = fx = max(scale_h / height, scale_w / width)
+    crop_h, crop_w = in_h / fy, in_w / fx
+    y0 = (height - crop_h) / 2
+    x0 = (width - crop_w) / 2
+    return (x0, y0, x0 + crop_w, y0 + crop_h)
 
 
 def top_k(probs: np.ndarray, k: int, labels: tuple[str, ...]) -> list[dict[str, Any]]:

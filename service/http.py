@@ -13,9 +13,17 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
-from .api import ApiError, Upload
+from .errors import ApiError
 
-__all__ = ["ParsedRequest", "read_request"]
+__all__ = ["ParsedRequest", "Upload", "read_request"]
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file."""
+
+    data: bytes
+    filename: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Decode and validate uploaded images with Pillow and numpy only (no torch).
 
 ``decode_image`` turns the bytes of one upload into a size-bounded, C-contiguous
-uint8 RGB array, or raises :class:`ImageError` carrying an error code, the HTTP
-status to answer with and a message for the client. Every 4xx about an image
+uint8 RGB array, or raises :class:`~service.errors.ApiError` carrying the HTTP status,
+an error code and a message for the client. Every 4xx about an image
 starts here.
 
 The decoder is written for hostile input: formats are allow-listed before any
@@ -22,13 +22,25 @@ import hashlib
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["ALLOWED_FORMATS", "DecodedImage", "ImageError", "ImageLimits", "decode_image"]
+from .errors import ApiError
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "DecodedImage",
+    "ImageHeader",
+    "ImageLimits",
+    "decode_image",
+    "inspect_image",
+]
+
+_T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
 
@@ -63,24 +75,6 @@ _SWAPS_AXES = frozenset({5, 6, 7, 8})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
-class ImageError(Exception):
-    """A client error about one uploaded image."""
-
-    def __init__(self, code: str, message: str, status: int) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # The default Exception pickling replays only args=(message,), which
-        # does not match this __init__; workers may pickle errors across processes.
-        return (type(self), (self.code, self.message, self.status))
-
-    def __repr__(self) -> str:
-        return f"ImageError(code={self.code!r}, message={self.message!r}, status={self.status})"
-
-
 @dataclass(frozen=True)
 class ImageLimits:
     """Bounds an upload must satisfy before its pixels are decoded."""
@@ -103,12 +97,6 @@ class DecodedImage:
     mode: str
     sha256: str
 
-    @property
-    def scale(self) -> tuple[float, float]:
-        """(pixels width / original width, pixels height / original height)."""
-        h, w = self.pixels.shape[:2]
-        return (w / self.width, h / self.height)
-
 
 def decode_image(
     data: bytes, *, min_short_side: int, limits: ImageLimits = ImageLimits()
@@ -116,13 +104,35 @@ def decode_image(
     """Decode ``data`` into an RGB uint8 array whose short side is >= ``min_short_side``.
 
     The short side is only ever reduced, never enlarged: an image already smaller
-    than ``min_short_side`` keeps its size. Raises :class:`ImageError` for anything
+    than ``min_short_side`` keeps its size. Raises :class:`~service.errors.ApiError` for anything
     wrong with the upload, and ``ValueError`` for a bad ``min_short_side``.
     """
     if min_short_side < 1:
         raise ValueError(f"min_short_side must be >= 1, got {min_short_side}")
+    return _guarded(data, lambda digest: _decode(data, digest, min_short_side, limits))
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an upload's header says, checked against the limits; no pixel decoded."""
+
+    width: int  # EXIF-oriented
+    height: int
+    format: str
+    mode: str
+    sha256: str
+
+
+def inspect_image(data: bytes, *, limits: ImageLimits = ImageLimits()) -> ImageHeader:
+    """Every check ``decode_image`` makes before decoding pixels, for uploads that are decoded
+    elsewhere (JPEGs decoded on the GPU): same errors, same statuses."""
+    return _guarded(data, lambda digest: _inspect(data, digest, limits))
+
+
+def _guarded(data: bytes, work: Callable[[str], _T]) -> _T:
+    """Run ``work(sha256)`` with every failure of hostile input turned into its ApiError."""
     if not data:
-        raise ImageError("empty_image", "The uploaded image is empty (0 bytes).", 400)
+        raise ApiError(400, "empty_image", "The uploaded image is empty (0 bytes).")
     digest = hashlib.sha256(data).hexdigest()
 
     # Locally, so a bomb between MAX_IMAGE_PIXELS and twice that is refused too
@@ -130,24 +140,36 @@ def decode_image(
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            return _decode(data, digest, min_short_side, limits)
-        except ImageError:
+            return work(digest)
+        except ApiError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             logger.debug("decompression bomb refused: %s", exc)
-            raise ImageError(
-                "too_many_pixels", f"The image is too large to decode safely: {exc}", 413
+            raise ApiError(
+                413,
+                "too_many_pixels",
+                f"The image is too large to decode safely: {exc}",
             ) from exc
         except Exception as exc:
             # Hostile or damaged input reaches many code paths in the decoders;
             # whatever they raise, the fault is in the upload.
             logger.debug("corrupt image (%s): %s", type(exc).__name__, exc)
-            raise ImageError(
-                "corrupt_image",
-                # Pillow's text helps the client; cap it, hostile bytes can end up in it.
-                f"The image could not be decoded; it is corrupt or truncated ({str(exc)[:200]}).",
+            raise ApiError(
                 400,
+                "corrupt_image",
+                f"The image could not be decoded; it is corrupt or truncated ({str(exc)[:200]}).",
             ) from exc
+
+
+def _inspect(data: bytes, digest: str, limits: ImageLimits) -> ImageHeader:
+    with _open(data) as img:
+        fmt = img.format or ""
+        fmt = _FORMAT_ALIASES.get(fmt, fmt)
+        w, h = img.size
+        _check_size(w, h, limits)
+        if _orientation(img) in _SWAPS_AXES:
+            w, h = h, w
+        return ImageHeader(width=w, height=h, format=fmt, mode=img.mode, sha256=digest)
 
 
 def _decode(data: bytes, digest: str, min_short_side: int, limits: ImageLimits) -> DecodedImage:
@@ -182,7 +204,7 @@ def _decode(data: bytes, digest: str, min_short_side: int, limits: ImageLimits) 
 
 
 def _open(data: bytes) -> Image.Image:
-    """Open (header only) an allowed format, or raise the right ImageError."""
+    """Open (header only) an allowed format, or raise the right ApiError."""
     try:
         return Image.open(io.BytesIO(data), formats=_OPEN_ORDER)
     except Image.UnidentifiedImageError:
@@ -190,23 +212,23 @@ def _open(data: bytes) -> Image.Image:
 
     fmt = _identify(bytes(data[:16]))
     if fmt is None:
-        raise ImageError(
+        raise ApiError(
+            415,
             "unsupported_media_type",
             f"The upload is not a recognised image; accepted formats: {_ACCEPTED}.",
-            415,
         )
     fmt = _FORMAT_ALIASES.get(fmt, fmt)
     if fmt in ALLOWED_FORMATS:
         # Starts like an allowed format, but its header does not parse.
-        raise ImageError(
+        raise ApiError(
+            400,
             "corrupt_image",
             f"The image looks like {fmt} but its header is corrupt or truncated.",
-            400,
         )
-    raise ImageError(
+    raise ApiError(
+        415,
         "unsupported_media_type",
         f"Image format {fmt} is not accepted; accepted formats: {_ACCEPTED}.",
-        415,
     )
 
 
@@ -236,24 +258,24 @@ def _identify(prefix: bytes) -> str | None:
 def _check_size(w: int, h: int, limits: ImageLimits) -> None:
     pixels = w * h
     if pixels > limits.max_pixels:
-        raise ImageError(
+        raise ApiError(
+            413,
             "too_many_pixels",
             f"The image is {w}x{h} = {pixels:,} pixels; the limit is {limits.max_pixels:,} pixels.",
-            413,
         )
     short, long = min(w, h), max(w, h)
     if short < max(limits.min_side, 1):  # never divide by a zero side below
-        raise ImageError(
+        raise ApiError(
+            422,
             "degenerate_image",
             f"The image is {w}x{h}; each side must be at least {limits.min_side} pixels.",
-            422,
         )
     if long / short > limits.max_aspect_ratio:
-        raise ImageError(
+        raise ApiError(
+            422,
             "degenerate_image",
             f"The image is {w}x{h}; its aspect ratio {long / short:.1f}:1 exceeds "
             f"{limits.max_aspect_ratio:g}:1.",
-            422,
         )
 
 

@@ -14,7 +14,9 @@ from typing import Any
 
 __all__ = ["STAGES", "UNMATCHED_PATH", "Metrics", "bound_traffic_labels", "create_metrics"]
 
-STAGES = ("decode", "queue", "preprocess", "forward", "attention", "postprocess")
+STAGES = (
+    "decode", "transport", "queue", "preprocess", "forward", "attention", "postprocess",
+)  # fmt: skip
 
 # Millisecond work: 0.5 ms .. 10 s, roughly x2 per bucket.
 _SECONDS_BUCKETS = (
@@ -43,66 +45,83 @@ class Metrics:
         self.stage_seconds.labels(stage=stage).observe(seconds)
 
 
-def create_metrics(max_batch_size: int) -> Metrics:
-    """Create the metric objects (call once per worker, after BentoML set up multiprocess mode)."""
+def create_metrics(max_batch_size: int, registry: Any = None) -> Metrics:
+    """Create the metric objects (call once per worker, after BentoML set up multiprocess mode).
+
+    ``registry``: where to register them (default: prometheus_client's global one; tests pass
+    a fresh ``CollectorRegistry``).
+    """
     import prometheus_client as prom
+
+    registry = prom.REGISTRY if registry is None else registry
 
     batch_buckets = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, max_batch_size})
     return Metrics(
         stage_seconds=prom.Histogram(
             "vit_stage_duration_seconds",
             "Time spent per pipeline stage (decode/queue/postprocess per image; "
-            "preprocess/forward/attention per batch).",
+            "preprocess/forward/attention per batch; transport per message between an HTTP "
+            "worker and a model process).",
             ["stage"],
             buckets=_SECONDS_BUCKETS,
+            registry=registry,
         ),
         request_seconds=prom.Histogram(
             "vit_request_duration_seconds",
             "End-to-end handling time of classification requests.",
             ["endpoint"],
             buckets=_SECONDS_BUCKETS,
+            registry=registry,
         ),
         images=prom.Counter(
             "vit_images",
             "Images received, by outcome.",
             ["outcome"],
+            registry=registry,
         ),
         image_errors=prom.Counter(
             "vit_image_errors",
             "Images or requests refused, by error code.",
             ["code"],
+            registry=registry,
         ),
         batch_size=prom.Histogram(
             "vit_batch_size",
             "Images per forward pass.",
             buckets=[b for b in batch_buckets if b <= max_batch_size],
+            registry=registry,
         ),
         batch_fill=prom.Histogram(
             "vit_batch_fill_ratio",
             "Images per forward pass divided by the maximum batch size.",
             buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
+            registry=registry,
         ),
         inflight=prom.Gauge(
             "vit_inflight_requests",
             "Classification requests being handled.",
             multiprocess_mode="livesum",
+            registry=registry,
         ),
         queue_depth=prom.Gauge(
             "vit_queue_images",
             "Images waiting for the model.",
             multiprocess_mode="livesum",
+            registry=registry,
         ),
         model_info=prom.Gauge(
             "vit_model_info",
             "The loaded model (value 1).",
             ["model", "source", "dtype", "device"],
             multiprocess_mode="liveall",
+            registry=registry,
         ),
         gpu_memory=prom.Gauge(
             "vit_gpu_memory_bytes",
             "CUDA memory held by PyTorch.",
             ["kind"],
             multiprocess_mode="livesum",
+            registry=registry,
         ),
     )
 

@@ -1,15 +1,28 @@
-"""The BentoML service ``vit-classifier``: HTTP wiring only.
+"""The BentoML services: HTTP wiring and the process layout, nothing else.
+
+``VitClassifier`` (``vit-classifier``) is the HTTP service: its worker processes parse the
+request, validate options and decode uploads (``service/pipeline.py``), then hand the pixels to
+the model. Which model depends on the topology (``service/topology.py``):
+
+- ``replicas``: each HTTP worker runs its own ``ModelRunner``;
+- ``split``: ``VitModel`` (``vit-model``), a dependency run by the same ``bentoml serve`` with one
+  worker process per device, owns the model; HTTP workers reach it over ZeroMQ
+  (``service/transport.py``). Or, with ``VIT_MODEL_ENDPOINTS``, model processes run elsewhere
+  (``bentoml serve service.service:VitModel`` with ``VIT_MODEL_BIND=tcp://...``).
 
 Routes live on a FastAPI app mounted into the service (so ``/docs.json`` documents them beside
-BentoML's ``/healthz``, ``/livez``, ``/readyz`` and ``/metrics``); each one parses the request,
-calls ``service.api.Classifier`` and maps its errors to JSON statuses. Run with
-``bentoml serve service.service:VitClassifier``.
+BentoML's ``/healthz``, ``/livez``, ``/readyz`` and ``/metrics``).
+Run with ``bentoml serve service.service:VitClassifier``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import gc
 import logging
+import os
 import re
 import time
 import uuid
@@ -17,22 +30,34 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
+import orjson
+import torch
+from bentoml import server_context
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from .api import ApiError, Classifier, parse_options
+from .answers import describe_model
+from .errors import ApiError
 from .http import read_request
-from .metrics import bound_traffic_labels, create_metrics
+from .inference import ModelRunner
+from .listen import balance_connections
+from .metrics import Metrics, bound_traffic_labels, create_metrics
+from .options import parse_options
+from .pipeline import Backend, Pipeline
 from .schemas import BatchItem, ClassifyResponse, ErrorResponse, ModelResponse
 from .settings import load_settings
+from .topology import plan_for
+from .transport import ModelClient, ModelServer, ipc_endpoint
 
-__all__ = ["VitClassifier", "app"]
+__all__ = ["VitClassifier", "VitModel", "app"]
 
 _logger = logging.getLogger(__name__)
 
 SETTINGS = load_settings()
+PLAN = plan_for(SETTINGS)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_CLASSIFY_ROUTES = ["/classify", "/classify_batch"]
 
 # BentoML serves the merged OpenAPI document at /docs.json; FastAPI's own doc pages stay off.
 app = FastAPI(
@@ -57,41 +82,146 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+class JsonResponse(Response):
+    """JSON written by orjson (several times faster than the standard encoder)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
-def _error(exc: ApiError, request_id: str) -> JSONResponse:
-    return JSONResponse(
+def _error(exc: ApiError, request_id: str) -> JsonResponse:
+    return JsonResponse(
         exc.body(), status_code=exc.status, headers={**exc.headers, "X-Request-ID": request_id}
     )
 
 
+def _worker_index() -> int:
+    """0-based index of this worker process within its service."""
+    return max(0, (server_context.worker_index or 1) - 1)
+
+
+def _server_runtime() -> dict[str, str]:
+    """The event loop and HTTP parser this process really runs (asked, not assumed)."""
+    loop = type(asyncio.get_running_loop())
+    protocol = next(
+        (
+            obj.http_protocol_class
+            for obj in gc.get_objects()
+            if type(obj).__name__ == "Config"
+            and type(obj).__module__ == "uvicorn.config"
+            and hasattr(obj, "http_protocol_class")
+        ),
+        None,
+    )
+    return {
+        "event_loop": f"{loop.__module__}.{loop.__qualname__}",
+        "http_protocol": "unknown"
+        if protocol is None
+        else f"{protocol.__module__}.{protocol.__qualname__}",
+    }
+
+
+@bentoml.service(
+    name="vit-model",
+    workers=max(1, len(PLAN.devices)),
+    traffic={"timeout": SETTINGS.request_timeout_s},
+    logging={"access": {"enabled": False}},
+)
+class VitModel:
+    """``split``: one model process per device; serves batches to the HTTP workers over ZeroMQ.
+
+    It binds its socket only once the model is warmed up, so an HTTP worker's connection to it
+    is the readiness signal; BentoML restarts it if it dies.
+    """
+
+    def __init__(self) -> None:
+        index = _worker_index()
+        device = PLAN.devices[index % len(PLAN.devices)]
+        self.metrics = create_metrics(SETTINGS.max_batch_size)
+        self.runner = ModelRunner(SETTINGS, self.metrics, device=device, threads=PLAN.torch_threads)
+        endpoint = SETTINGS.model_bind or ipc_endpoint(index)
+        runtime = {"pid": os.getpid(), "device": device, "torch_threads": PLAN.torch_threads}
+        self.server = ModelServer(self.runner, endpoint, runtime)
+        self.server.start()
+
+    def __is_ready__(self) -> bool:
+        return self.runner.ready
+
+    @bentoml.api
+    def status(self) -> dict[str, Any]:
+        """This model process: ready, device, queue (for operators and the hop benchmark)."""
+        return {
+            "ready": self.runner.ready,
+            "device": self.runner.device,
+            "queued": self.runner.queued,
+        }
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self.server.stop()
+
+
 @bentoml.service(
     name="vit-classifier",
-    workers=SETTINGS.workers,
+    workers=PLAN.http_workers,
     traffic={"timeout": SETTINGS.request_timeout_s},
     logging={"access": {"enabled": SETTINGS.access_log}},
+    # OpenTelemetry's middleware wraps every request even with no exporter configured.
+    tracing={"excluded_urls": [] if SETTINGS.tracing else _CLASSIFY_ROUTES},
 )
 @bentoml.asgi_app(app, path="/")
 class VitClassifier:
-    """Loads the model in the background; ``/readyz`` turns 200 once it is warmed up."""
+    """The HTTP service; ``/readyz`` turns 200 once the model (every model process) is warm."""
+
+    if PLAN.topology == "split" and not SETTINGS.model_endpoints:
+        model_service = bentoml.depends(VitModel)
 
     def __init__(self) -> None:
-        self.settings = SETTINGS
-        self.metrics = create_metrics(SETTINGS.max_batch_size)
-        self.classifier = Classifier(SETTINGS, self.metrics)
-        self.classifier.start_loading()
+        self.metrics: Metrics = create_metrics(SETTINGS.max_batch_size)
+        self._client: ModelClient | None = None
+        backend: Backend
+        if PLAN.topology == "split":
+            torch.set_num_threads(1)  # this process never runs the model
+            endpoints = [e.strip() for e in SETTINGS.model_endpoints.split(",") if e.strip()]
+            endpoints = endpoints or [ipc_endpoint(i) for i in range(len(PLAN.devices))]
+            self._client = backend = ModelClient(endpoints, self.metrics)
+            with contextlib.suppress(RuntimeError):  # BentoML builds services on its loop
+                asyncio.get_running_loop()
+                self._client.start()
+        else:
+            device = PLAN.devices[_worker_index() % len(PLAN.devices)]
+            runner = ModelRunner(SETTINGS, self.metrics, device=device, threads=PLAN.torch_threads)
+            runner.start_loading()
+            backend = runner
+        self.backend = backend
+        self.pipeline = Pipeline(SETTINGS, self.metrics, backend, PLAN.decode_threads)
+        self._server_runtime: dict[str, str] | None = None
 
-    def __is_ready__(self) -> bool:
-        return self.classifier.ready
+    def _connect(self) -> None:
+        if self._client is not None:
+            self._client.start()
+
+    async def __is_ready__(self) -> bool:
+        self._connect()
+        return self.backend.ready
 
     @bentoml.on_shutdown
     async def _shutdown(self) -> None:
-        await self.classifier.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+        elif isinstance(self.backend, ModelRunner):
+            await self.backend.aclose()
+        self.pipeline.close()
 
-    async def _classify(self, request: Request, *, batch: bool) -> JSONResponse:
+    async def _classify(self, request: Request, *, batch: bool) -> JsonResponse:
+        self._connect()
         request_id = _request_id(request)
         metrics = self.metrics
         metrics.inflight.inc()
@@ -99,20 +229,23 @@ class VitClassifier:
         started = time.perf_counter()
         file_count = 1
         try:
-            classifier = self.classifier
-            info = classifier.info
-            max_files = SETTINGS.max_images_per_request if batch else 1
+            info = self.backend.info
             parsed = await read_request(
                 request,
                 file_field="images" if batch else "image",
-                max_files=max_files,
+                max_files=SETTINGS.max_images_per_request if batch else 1,
                 max_body_bytes=SETTINGS.max_body_bytes,
             )
             file_count = parsed.file_count
-            options = parse_options(parsed.fields, info.num_classes, SETTINGS)
-            results = await classifier.classify(parsed.uploads, options, request_id)
+            options = parse_options(
+                parsed.fields,
+                info.num_classes,
+                default_top_k=SETTINGS.default_top_k,
+                default_attention=SETTINGS.default_attention,
+            )
+            results = await self.pipeline.classify(parsed.uploads, options, request_id)
         except ApiError as exc:
-            self.classifier.count([exc] * file_count)
+            self.pipeline.count([exc] * file_count)
             return _error(exc, request_id)
         finally:
             metrics.request_seconds.labels(endpoint=endpoint).observe(time.perf_counter() - started)
@@ -123,7 +256,7 @@ class VitClassifier:
             result = results[0]
             if isinstance(result, ApiError):
                 return _error(result, request_id)
-            return JSONResponse(result, headers=headers)
+            return JsonResponse(result, headers=headers)
         items = []
         for index, (result, upload) in enumerate(zip(results, parsed.uploads, strict=True)):
             slot = (
@@ -132,7 +265,7 @@ class VitClassifier:
                 else result
             )
             items.append({"index": index, "filename": upload.filename, **slot})
-        return JSONResponse(items, headers=headers)
+        return JsonResponse(items, headers=headers)
 
     @app.post(
         "/classify",
@@ -140,7 +273,7 @@ class VitClassifier:
         responses=_ERRORS,
         summary="Classify one image (multipart field 'image'; optional top_k, attention, heatmap).",
     )
-    async def classify(self, request: Request) -> JSONResponse:
+    async def classify(self, request: Request) -> JsonResponse:
         return await self._classify(request, batch=False)
 
     @app.post(
@@ -149,15 +282,36 @@ class VitClassifier:
         responses=_ERRORS,
         summary="Classify several images (field 'images' repeated); one slot per image, in order.",
     )
-    async def classify_batch(self, request: Request) -> JSONResponse:
+    async def classify_batch(self, request: Request) -> JsonResponse:
         return await self._classify(request, batch=True)
 
     @app.get("/model", response_model=ModelResponse, responses=_ERRORS)
-    async def model(self) -> JSONResponse:
+    async def model(self) -> JsonResponse:
+        self._connect()
+        backend = self.backend
         try:
-            return JSONResponse(self.classifier.describe())
+            info = backend.info
         except ApiError as exc:
             return _error(exc, uuid.uuid4().hex)
+        if self._server_runtime is None:
+            self._server_runtime = _server_runtime()
+        runtime: dict[str, Any] = {
+            "topology": PLAN.topology,
+            "topology_reason": PLAN.reason,
+            "http_workers": PLAN.http_workers,
+            "pid": os.getpid(),
+            "cpus": PLAN.cpus,
+            "torch_threads": PLAN.torch_threads,
+            "decode_threads": PLAN.decode_threads,
+            **self._server_runtime,
+        }
+        if self._client is not None:
+            runtime["model_processes"] = list(self._client.runtime.values())
+        warmup_ms = getattr(backend, "warmup_ms", 0.0)
+        body = describe_model(
+            info, SETTINGS, ready=backend.ready, warmup_ms=warmup_ms, runtime=runtime
+        )
+        return JsonResponse(body)
 
 
 @functools.cache
@@ -169,3 +323,4 @@ def _known_paths() -> frozenset[str]:
 
 
 bound_traffic_labels(_known_paths)
+balance_connections()

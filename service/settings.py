@@ -46,9 +46,57 @@ class Settings(BaseSettings):
         ),
     )
 
-    workers: int = Field(1, ge=1, le=64, description="Worker processes, each with its own model.")
+    workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description=(
+            "HTTP worker processes; 0 = one per usable CPU (replicas) or what the topology "
+            "leaves for HTTP beside the model processes (split), at most 16."
+        ),
+    )
+    topology: Literal["auto", "replicas", "split"] = Field(
+        "auto",
+        description=(
+            "'replicas': each HTTP worker runs its own copy of the model; 'split': HTTP "
+            "workers feed one model process per device; 'auto': split on GPU, and on CPU "
+            "replicas for models under 400 MiB of weights."
+        ),
+    )
+    devices: str = Field(
+        "",
+        description=(
+            "Comma-separated devices, one model process each (e.g. 'cuda:0,cuda:1'); "
+            "empty = VIT_DEVICE ('auto': every visible GPU, else the CPU)."
+        ),
+    )
+    model_endpoints: str = Field(
+        "",
+        description=(
+            "split: comma-separated ZeroMQ endpoints of model processes run elsewhere "
+            "(e.g. 'tcp://vit-model:5555'); empty = the local model processes over ipc."
+        ),
+    )
+    model_bind: str = Field(
+        "",
+        description=(
+            "split, model process: the ZeroMQ endpoint to listen on (e.g. 'tcp://0.0.0.0:5555'); "
+            "empty = a private ipc socket beside the HTTP workers."
+        ),
+    )
+    device_decode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "Decode JPEG uploads on the model's device in batches (nvJPEG on CUDA); "
+            "'auto' = on for CUDA models."
+        ),
+    )
+    tracing: bool = Field(
+        False,
+        description="Trace /classify routes with OpenTelemetry (BentoML's tracing config).",
+    )
     request_timeout_s: int = Field(60, ge=1, description="Per-request timeout (BentoML traffic).")
-    access_log: bool = Field(True, description="Log each HTTP request.")
+    access_log: bool = Field(True, description="Log each HTTP request (BentoML's access log).")
 
     # --- batching ----------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most images per forward pass.")

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 
-from service.engine import Engine, crop_window, rollout
+from service.engine import Engine, rollout
+from service.explain import crop_window
 from service.loading import LoadedModel, load_model
 from tests.utils import make_tiny_dir
 
@@ -52,9 +53,9 @@ def _timm_input(loaded: LoadedModel, image: np.ndarray) -> torch.Tensor:
 
 def test_preprocess_is_exact_at_input_size(tiny: LoadedModel, engine: Engine) -> None:
     image = RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    batch, crops = engine.preprocess([image])
+    batch = engine.preprocess([image])
     torch.testing.assert_close(batch, _timm_input(tiny, image), rtol=0, atol=1e-5)
-    assert crops == [(0.0, 0.0, 32.0, 32.0)]
+    assert crop_window(32, 32, tiny.info) == (0.0, 0.0, 32.0, 32.0)
 
 
 @pytest.mark.parametrize(("h", "w"), [(64, 64), (48, 60), (60, 40), (33, 47)])
@@ -63,7 +64,7 @@ def test_preprocess_matches_timm_on_pictures(
 ) -> None:
     """Batched grid_sample on the device vs timm's PIL resize+crop: close on real-looking images."""
     image = _smooth(h, w)
-    ours, _ = engine.preprocess([image])
+    ours = engine.preprocess([image])
     theirs = _timm_input(tiny, image)
     # Values are normalized to [-1, 1]; resamplers differ by a fraction of a grey level.
     assert (ours - theirs).abs().mean().item() < 0.02
@@ -72,9 +73,9 @@ def test_preprocess_matches_timm_on_pictures(
 def test_preprocess_pads_each_image_independently(engine: Engine) -> None:
     """Mixed sizes share one canvas, yet each image's input equals its own single-image input."""
     images = [_smooth(64, 40, 1), _smooth(40, 64, 2), _smooth(32, 32, 3), _smooth(50, 50, 4)]
-    together, _ = engine.preprocess(images)
+    together = engine.preprocess(images)
     for i, image in enumerate(images):
-        alone, _ = engine.preprocess([image])
+        alone = engine.preprocess([image])
         torch.testing.assert_close(together[i : i + 1], alone, rtol=0, atol=1e-4)
 
 
@@ -138,7 +139,7 @@ def _reference_rollout(maps: list[torch.Tensor], prefix: int) -> torch.Tensor:
 
 def test_cls_and_rollout_match_reference(tiny: LoadedModel, engine: Engine) -> None:
     images = [_smooth(32, 32, s) for s in range(3)]
-    batch, _ = engine.preprocess(images)
+    batch = engine.preprocess(images)
     maps = _reference_attention(tiny.model, batch)
     cls_ref = maps[-1].mean(dim=1)[:, 0, 1:]
     cls_ref = cls_ref / cls_ref.sum(dim=-1, keepdim=True)
@@ -237,7 +238,8 @@ def test_out_of_memory_splits_the_batch(engine: Engine, monkeypatch: pytest.Monk
     images = [_smooth(32, 32, s) for s in range(5)]
     result = engine.run(images, ["cls"] * 5)
     assert len(result.items) == 5
-    assert max(s for s in sizes if s <= 2) <= 2
+    # 5 fails, its halves 2 (runs) and 3 (fails), then 3's halves 1 and 2 run.
+    assert sizes == [5, 2, 3, 1, 2]
     expected = real(images, ["cls"] * 5).items
     for got, want in zip(result.items, expected, strict=True):
         np.testing.assert_allclose(got.probs, want.probs, atol=1e-5)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.api import ApiError, parse_options
+from service.errors import ApiError
 from service.explain import heatmap_png, patch_box, top_k, top_patches
 from service.imaging import decode_image
 from service.loading import ModelInfo, load_model
+from service.options import Options, parse_options
 from service.settings import Settings
 from tests.utils import encode, make_tiny_dir
 
@@ -88,6 +89,16 @@ def test_heatmap_is_brightest_where_attention_is(info: ModelInfo) -> None:
 
 SETTINGS = Settings(model="local-dir:/unused")
 
+
+def _parse(fields: dict[str, str], num_classes: int) -> Options:
+    return parse_options(
+        fields,
+        num_classes,
+        default_top_k=SETTINGS.default_top_k,
+        default_attention=SETTINGS.default_attention,
+    )
+
+
 OPTIONS = [
     # (fields, expected top_k, attention, heatmap) — or the error code
     ({}, 5, "cls", False),
@@ -99,12 +110,12 @@ OPTIONS = [
 
 @pytest.mark.parametrize(("fields", "k", "mode", "heatmap"), OPTIONS)
 def test_parse_options(fields: dict[str, str], k: int, mode: str, heatmap: bool) -> None:
-    options = parse_options(fields, 10, SETTINGS)
+    options = _parse(fields, 10)
     assert (options.top_k, options.attention, options.heatmap) == (k, mode, heatmap)
 
 
 def test_default_top_k_is_capped_by_classes() -> None:
-    assert parse_options({}, 3, SETTINGS).top_k == 3
+    assert _parse({}, 3).top_k == 3
 
 
 @pytest.mark.parametrize(
@@ -120,5 +131,5 @@ def test_default_top_k_is_capped_by_classes() -> None:
 )
 def test_parse_options_errors(fields: dict[str, str], code: str) -> None:
     with pytest.raises(ApiError) as caught:
-        parse_options(fields, 10, SETTINGS)
+        _parse(fields, 10)
     assert caught.value.status == 422 and caught.value.code == code

@@ -47,8 +47,8 @@ def test_cuda_fp32_matches_cpu() -> None:
 
 def test_cuda_preprocess_matches_cpu() -> None:
     images = _images(16)
-    cpu, _ = Engine(load_model(SOURCE, device="cpu", dtype="float32")).preprocess(images)
-    gpu, _ = Engine(load_model(SOURCE, device="cuda", dtype="float32")).preprocess(images)
+    cpu = Engine(load_model(SOURCE, device="cpu", dtype="float32")).preprocess(images)
+    gpu = Engine(load_model(SOURCE, device="cuda", dtype="float32")).preprocess(images)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-3)
 
 

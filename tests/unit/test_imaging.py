@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import pickle
 import struct
 import warnings
 import zlib
@@ -19,7 +18,14 @@ import pytest
 from PIL import Image, ImageFile
 
 from service import imaging
-from service.imaging import ALLOWED_FORMATS, DecodedImage, ImageError, ImageLimits, decode_image
+from service.errors import ApiError
+from service.imaging import (
+    ALLOWED_FORMATS,
+    DecodedImage,
+    ImageLimits,
+    decode_image,
+    inspect_image,
+)
 
 RED = (220, 20, 30)
 GREEN = (20, 200, 40)
@@ -109,27 +115,23 @@ def load_spy(monkeypatch: pytest.MonkeyPatch) -> LoadSpy:
     return loaded
 
 
-# --------------------------------------------------------------------------- ImageError
+# --------------------------------------------------------------------------- errors
 
 
-def test_image_error_attributes() -> None:
-    exc = ImageError("corrupt_image", "broken", 400)
-    assert (exc.code, exc.message, exc.status) == ("corrupt_image", "broken", 400)
-    assert str(exc) == "broken"
-    assert isinstance(exc, Exception)
-
-
-def test_image_error_pickles() -> None:
-    exc = pickle.loads(pickle.dumps(ImageError("too_many_pixels", "big", 413)))
-    assert (exc.code, exc.message, exc.status) == ("too_many_pixels", "big", 413)
+def test_errors_are_api_errors_with_status_code_message() -> None:
+    with pytest.raises(ApiError) as info:
+        decode_image(b"", min_short_side=8)
+    assert (info.value.status, info.value.code) == (400, "empty_image")
+    assert info.value.body() == {"error": {"code": "empty_image", "message": info.value.message}}
 
 
 def test_public_api() -> None:
     assert set(imaging.__all__) == {
         "ALLOWED_FORMATS",
         "DecodedImage",
-        "ImageError",
+        "ImageHeader",
         "ImageLimits",
+        "inspect_image",
         "decode_image",
     }
     assert frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP"}) == ALLOWED_FORMATS
@@ -158,7 +160,6 @@ def test_allowed_format_decodes(fmt: str, save: dict[str, Any], tol: int) -> Non
     assert d.format == fmt
     assert (d.width, d.height) == (64, 48)
     assert d.pixels.shape == (48, 64, 3)
-    assert d.scale == (1.0, 1.0)
     assert_close(mean_rgb(d.pixels), GREEN, tol)
 
 
@@ -226,7 +227,7 @@ def test_recognised_but_refused_format_is_415(
     fmt: str, named: str | None, load_spy: LoadSpy
 ) -> None:
     data = encode(solid(RED), fmt)
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(ApiError) as info:
         decode_image(data, min_short_side=8)
     assert (info.value.code, info.value.status) == ("unsupported_media_type", 415)
     if named is not None:
@@ -248,7 +249,7 @@ NOT_IMAGES = [
 
 @pytest.mark.parametrize("data", NOT_IMAGES)
 def test_not_an_image_is_415(data: bytes) -> None:
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(ApiError) as info:
         decode_image(data, min_short_side=8)
     assert (info.value.code, info.value.status) == ("unsupported_media_type", 415)
     assert "JPEG" in info.value.message and "PNG" in info.value.message
@@ -256,7 +257,7 @@ def test_not_an_image_is_415(data: bytes) -> None:
 
 @pytest.mark.parametrize("data", [b"", bytearray()])
 def test_empty_is_400(data: bytes) -> None:
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(ApiError) as info:
         decode_image(data, min_short_side=8)
     assert (info.value.code, info.value.status) == ("empty_image", 400)
 
@@ -281,14 +282,14 @@ CORRUPT_CASES = [
 
 @pytest.mark.parametrize("data", CORRUPT_CASES)
 def test_corrupt_or_truncated_is_400(data: bytes) -> None:
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(ApiError) as info:
         decode_image(data, min_short_side=8)
     assert (info.value.code, info.value.status) == ("corrupt_image", 400)
 
 
 def test_truncated_images_stay_refused() -> None:
     # The module must never flip Pillow's global switch to accept truncated files.
-    with pytest.raises(ImageError):
+    with pytest.raises(ApiError):
         decode_image(_truncated("JPEG"), min_short_side=8)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
@@ -302,7 +303,7 @@ def test_truncated_images_stay_refused() -> None:
 def test_header_over_pixel_limit_is_413_without_decoding(
     width: int, height: int, load_spy: LoadSpy
 ) -> None:
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(ApiError) as info:
         decode_image(png_header(width, height), min_short_side=8)
     assert (info.value.code, info.value.status) == ("too_many_pixels", 413)
     assert f"{width * height:,}" in info.value.message
@@ -312,7 +313,7 @@ def test_header_over_pixel_limit_is_413_without_decoding(
 
 def test_huge_header_hits_pillow_bomb_error() -> None:
     # 100000 x 100000 is over twice Pillow's MAX_IMAGE_PIXELS: it refuses in open().
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(ApiError) as info:
         decode_image(png_header(100_000, 100_000), min_short_side=8)
     assert (info.value.code, info.value.status) == ("too_many_pixels", 413)
 
@@ -326,7 +327,7 @@ def test_custom_pixel_limit(side: int, max_pixels: int, refused: bool) -> None:
     data = encode(solid(RED, (side, side)), "PNG")
     limits = ImageLimits(max_pixels=max_pixels)
     if refused:
-        with pytest.raises(ImageError) as info:
+        with pytest.raises(ApiError) as info:
             decode_image(data, min_short_side=8, limits=limits)
         assert info.value.status == 413
     else:
@@ -340,7 +341,7 @@ def test_decompression_bomb_is_413(monkeypatch: pytest.MonkeyPatch, side: int) -
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     data = encode(solid(RED, (side, side)), "PNG")
     filters_before = list(warnings.filters)
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(ApiError) as info:
         decode_image(data, min_short_side=8, limits=ImageLimits(max_pixels=10**12))
     assert (info.value.code, info.value.status) == ("too_many_pixels", 413)
     assert list(warnings.filters) == filters_before  # no global warnings state leaked
@@ -372,7 +373,7 @@ def test_degenerate_images(
     data = encode(solid(RED, size), "PNG")
     kwargs = {"limits": limits} if limits is not None else {}
     if refused:
-        with pytest.raises(ImageError) as info:
+        with pytest.raises(ApiError) as info:
             decode_image(data, min_short_side=8, **kwargs)
         assert (info.value.code, info.value.status) == ("degenerate_image", 422)
     else:
@@ -641,8 +642,6 @@ def test_jpeg_draft_and_reduce(big_jpeg: bytes, mss: int, lo: int, hi: int) -> N
     h, w = d.pixels.shape[:2]
     assert lo <= h < hi
     assert abs(w / h - 4 / 3) < 0.05
-    sx, sy = d.scale
-    assert abs(sx - w / 4000) < 1e-9 and abs(sy - h / 3000) < 1e-9
     assert_close(mean_rgb(d.pixels[:, : w // 3]), RED, 12)
     assert_close(mean_rgb(d.pixels[:, -(w // 3) :]), BLUE, 12)
 
@@ -735,7 +734,47 @@ def test_fuzzed_uploads_only_raise_image_error(fmt: str) -> None:
         data = _mutate(base, rng)
         try:
             d = decode_image(data, min_short_side=16)
-        except ImageError as exc:
+        except ApiError as exc:
             assert exc.status in {400, 413, 415, 422}, exc
         else:
             assert_well_formed(d)
+
+
+# --------------------------------------------------------------------------- header-only checks
+
+
+def test_inspect_reports_what_decode_reports_without_decoding(load_spy: LoadSpy) -> None:
+    data = encode(gradient_rgb(64, 48), "JPEG")
+    header = inspect_image(data)
+    assert load_spy == []  # no pixel decoded
+    decoded = decode_image(data, min_short_side=8)
+    assert (header.width, header.height, header.format, header.mode, header.sha256) == (
+        decoded.width,
+        decoded.height,
+        decoded.format,
+        decoded.mode,
+        decoded.sha256,
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "limits", "status", "code"),
+    [
+        (b"", ImageLimits(), 400, "empty_image"),
+        (b"not an image at all", ImageLimits(), 415, "unsupported_media_type"),
+        (b"\xff\xd8\xff\xe0" + b"\0" * 20, ImageLimits(), 400, "corrupt_image"),
+        (None, ImageLimits(max_pixels=100), 413, "too_many_pixels"),
+        (None, ImageLimits(min_side=100), 422, "degenerate_image"),
+    ],
+)
+def test_inspect_refuses_like_decode(
+    data: bytes | None, limits: ImageLimits, status: int, code: str
+) -> None:
+    data = encode(gradient_rgb(64, 48), "JPEG") if data is None else data
+    for check in (
+        lambda: inspect_image(data, limits=limits),
+        lambda: decode_image(data, min_short_side=8, limits=limits),
+    ):
+        with pytest.raises(ApiError) as info:
+            check()
+        assert (info.value.status, info.value.code) == (status, code)

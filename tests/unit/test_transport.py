@@ -1,0 +1,241 @@
+"""The hop between HTTP workers and a model process: same answers, shared batches, one queue
+bound for all workers, and a model process that goes away fails fast and comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import prometheus_client
+import pytest
+
+from service.errors import ApiError
+from service.inference import ModelRunner, Outcome, Work
+from service.metrics import create_metrics
+from service.settings import Settings
+from service.transport import ModelClient, ModelServer, ipc_endpoint
+from tests.utils import encode, make_tiny_dir
+
+RNG = np.random.default_rng(7)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny") / "m"
+    make_tiny_dir(folder)
+    return folder
+
+
+def _runner(model_dir: Path, **settings: Any) -> ModelRunner:
+    metrics = create_metrics(32, prometheus_client.CollectorRegistry())
+    config = Settings(model=f"local-dir:{model_dir}", max_wait_ms=0, **settings)
+    return ModelRunner(config, metrics, device="cpu", threads=1)
+
+
+class _Model:
+    """A model process in a thread: a ModelServer on an ipc endpoint under tmp_path."""
+
+    def __init__(self, runner: ModelRunner, endpoint: str) -> None:
+        self.runner = runner
+        self.server = ModelServer(runner, endpoint, {"pid": 0})
+        self.thread = self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path) -> str:
+    return ipc_endpoint(0, run_id=abs(hash(tmp_path)) % 10**9)
+
+
+@pytest.fixture
+def model(model_dir: Path, endpoint: str) -> Iterator[_Model]:
+    running = _Model(_runner(model_dir), endpoint)
+    yield running
+    running.stop()
+
+
+def _client(endpoint: str) -> ModelClient:
+    return ModelClient([endpoint], create_metrics(32, prometheus_client.CollectorRegistry()))
+
+
+async def _until(check: Any, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.02)
+
+
+def _images(count: int) -> list[np.ndarray]:
+    return [RNG.integers(0, 256, (40 + 3 * i, 36, 3), dtype=np.uint8) for i in range(count)]
+
+
+def test_answers_through_the_hop_match_the_model_in_process(model: _Model, endpoint: str) -> None:
+    images = _images(5)
+    modes = ["cls", "none", "rollout", "cls", "none"]
+    works = [Work(mode, pixels=img) for img, mode in zip(images, modes, strict=True)]  # type: ignore[arg-type]
+
+    async def through_hop() -> list[Outcome | ApiError]:
+        client = _client(endpoint)
+        client.start()
+        await _until(lambda: client.ready)
+        assert client.info.num_classes == model.runner.info.num_classes
+        try:
+            return await client.infer(works)
+        finally:
+            await client.aclose()
+
+    remote = asyncio.run(through_hop())
+    local = model.runner._engine.run(images, modes)
+    for got, want, mode in zip(remote, local.items, modes, strict=True):
+        assert isinstance(got, Outcome)
+        np.testing.assert_allclose(got.probs, want.probs, atol=1e-6)
+        if mode == "none":
+            assert got.attention is None
+        else:
+            np.testing.assert_allclose(got.attention, want.attention, atol=1e-6)  # type: ignore[arg-type]
+
+
+def _hold_the_model(runner: ModelRunner) -> tuple[threading.Event, list[int]]:
+    """Make the model thread wait for ``release`` before each batch; record batch sizes."""
+    release = threading.Event()
+    sizes: list[int] = []
+    real = runner._run_batch
+
+    def held(works: list[Work]) -> Any:
+        sizes.append(len(works))
+        release.wait(20)
+        return real(works)
+
+    runner._run_batch = held  # type: ignore[method-assign]
+    return release, sizes
+
+
+def test_requests_from_two_http_workers_share_one_batch(model: _Model, endpoint: str) -> None:
+    release, sizes = _hold_the_model(model.runner)
+
+    async def scenario() -> list[list[Outcome | ApiError]]:
+        first, second = _client(endpoint), _client(endpoint)
+        for client in (first, second):
+            client.start()
+        await _until(lambda: first.ready and second.ready)
+        blocker = asyncio.ensure_future(first.infer([Work("none", pixels=_images(1)[0])]))
+        await _until(lambda: sizes == [1])  # the model is busy with it
+        a = asyncio.ensure_future(first.infer([Work("cls", pixels=img) for img in _images(2)]))
+        b = asyncio.ensure_future(second.infer([Work("cls", pixels=_images(1)[0])]))
+        await _until(lambda: model.runner.queued == 3)
+        release.set()
+        results = [await blocker, await a, await b]
+        for client in (first, second):
+            await client.aclose()
+        return results
+
+    _blocker, a, b = asyncio.run(scenario())
+    assert sizes == [1, 3]
+    assert [o.batch_size for o in a + b] == [3, 3, 3]  # type: ignore[union-attr]
+
+
+def test_queue_bound_counts_images_from_every_http_worker(model_dir: Path, endpoint: str) -> None:
+    running = _Model(_runner(model_dir, max_batch_size=1, max_queue_images=2), endpoint)
+    release, sizes = _hold_the_model(running.runner)
+
+    async def scenario() -> ApiError:
+        first, second = _client(endpoint), _client(endpoint)
+        for client in (first, second):
+            client.start()
+        await _until(lambda: first.ready and second.ready)
+        busy = asyncio.ensure_future(first.infer([Work("none", pixels=_images(1)[0])]))
+        await _until(lambda: sizes == [1])
+        queued = asyncio.ensure_future(first.infer([Work("none", pixels=_images(1)[0])]))
+        await _until(lambda: running.runner.queued == 1)
+        queued_too = asyncio.ensure_future(second.infer([Work("none", pixels=_images(1)[0])]))
+        await _until(lambda: running.runner.queued == 2)
+        with pytest.raises(ApiError) as refused:
+            await second.infer([Work("none", pixels=_images(1)[0])])
+        release.set()
+        await asyncio.gather(busy, queued, queued_too)
+        for client in (first, second):
+            await client.aclose()
+        return refused.value
+
+    try:
+        error = asyncio.run(scenario())
+    finally:
+        release.set()
+        running.stop()
+    assert (error.status, error.code) == (503, "overloaded")
+    assert int(error.headers["Retry-After"]) >= 1
+
+
+def test_a_model_process_that_goes_away_fails_fast_and_is_found_again(
+    model_dir: Path, endpoint: str
+) -> None:
+    first = _Model(_runner(model_dir), endpoint)
+    release, _sizes = _hold_the_model(first.runner)
+
+    async def scenario() -> tuple[ApiError, float, ApiError, Outcome | ApiError]:
+        client = _client(endpoint)
+        client.start()
+        await _until(lambda: client.ready)
+        in_flight = asyncio.ensure_future(client.infer([Work("none", pixels=_images(1)[0])]))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await asyncio.to_thread(first.stop)  # the process dies with a request in flight
+        with pytest.raises(ApiError) as failed:
+            await in_flight
+        waited = time.monotonic() - started
+        await _until(lambda: not client.ready)
+        with pytest.raises(ApiError) as refused:
+            await client.infer([Work("none", pixels=_images(1)[0])])
+        second = _Model(_runner(model_dir), endpoint)  # the restart
+        try:
+            await _until(lambda: client.ready)
+            answer = (await client.infer([Work("cls", pixels=_images(1)[0])]))[0]
+        finally:
+            await client.aclose()
+            await asyncio.to_thread(second.stop)
+        return failed.value, waited, refused.value, answer
+
+    try:
+        failed, waited, refused, answer = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert (failed.status, failed.code) == (503, "not_ready")
+    assert waited < 5
+    assert (refused.status, refused.code) == (503, "not_ready")
+    assert isinstance(answer, Outcome) and answer.attention is not None
+
+
+def test_jpegs_decoded_on_the_device_match_pillow_and_bad_ones_get_the_4xx(
+    model_dir: Path,
+) -> None:
+    runner = _runner(model_dir, device_decode="on")
+    runner.load()
+    assert runner.decodes_on_device
+    smooth = np.linspace(0, 255, 96 * 80 * 3).reshape(96, 80, 3).astype(np.uint8)
+    jpeg = encode(smooth, "JPEG", quality=95)
+    cmyk = encode(smooth, "PNG")  # not a JPEG at all: the device decoder refuses it
+    broken = jpeg[: len(jpeg) // 3]
+
+    async def scenario() -> list[Outcome | ApiError]:
+        works = [
+            Work("cls", jpeg=jpeg),
+            Work("cls", jpeg=cmyk),
+            Work("cls", jpeg=broken),
+            Work("cls", pixels=runner._pillow(jpeg, runner.info.resize_size)),  # type: ignore[arg-type]
+        ]
+        return await runner.infer(works)
+
+    on_device, via_pillow_fallback, bad, pillow = asyncio.run(scenario())
+    assert isinstance(on_device, Outcome) and isinstance(pillow, Outcome)
+    assert isinstance(via_pillow_fallback, Outcome)
+    np.testing.assert_allclose(on_device.probs, pillow.probs, atol=0.02)
+    assert isinstance(bad, ApiError) and (bad.status, bad.code) == (400, "corrupt_image")

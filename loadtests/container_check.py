@@ -47,9 +47,9 @@ from typing import Any
 import httpx
 import yaml
 
+from loadtests.prometheus import JOB, Prometheus
 from loadtests.samples import digit
 from loadtests.serving import REPO, free_port, parse_exposition, wait_ready
-from loadtests.stage_breakdown import JOB, Prometheus
 from models.digits import load_split
 
 __all__ = ["build_bento", "main", "run"]
@@ -286,10 +286,13 @@ def check_service(report: Report, url: str, name: str, bento: Path, cpus: float)
     report.facts["host_cpus"] = len(os.sched_getaffinity(0))
     report.facts["runtime"] = runtime
     report.check(
-        f"thread pools sized to --cpus {cpus:g}",
+        f"processes and thread pools sized to --cpus {cpus:g}",
         runtime.get("cpus") == expected
-        and runtime.get("torch_threads") == expected
-        and runtime.get("decode_threads") == min(32, expected + 4),
+        # the default model on CPU: one single-threaded replica per CPU of the quota
+        and runtime.get("topology") == "replicas"
+        and runtime.get("http_workers") == expected
+        and runtime.get("torch_threads") == 1
+        and runtime.get("decode_threads") == 1,
         f"expected {expected} CPUs, /model says {runtime}",
     )
     report.facts["model_source"] = body.get("model", {}).get("source")

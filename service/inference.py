@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,16 +148,20 @@ class ModelRunner:
         )
         self._ready.set()
 
-    def start_loading(self) -> threading.Thread:
+    def start_loading(self, on_ready: Callable[[], None] | None = None) -> threading.Thread:
         """Load in the background so liveness answers while a large model loads."""
-        thread = threading.Thread(target=self._load_quietly, name="vit-load", daemon=True)
+        thread = threading.Thread(
+            target=self._load_quietly, args=(on_ready,), name="vit-load", daemon=True
+        )
         thread.start()
         return thread
 
-    def _load_quietly(self) -> None:
+    def _load_quietly(self, on_ready: Callable[[], None] | None) -> None:
         # A failure is logged and kept in load_error; readiness stays false.
         with contextlib.suppress(Exception):
             self.load()
+            if on_ready is not None:
+                on_ready()
 
     async def aclose(self) -> None:
         """Stop the batcher; queued callers are cancelled."""

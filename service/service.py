@@ -47,7 +47,7 @@ from .options import parse_options
 from .pipeline import Backend, Pipeline
 from .schemas import BatchItem, ClassifyResponse, ErrorResponse, ModelResponse
 from .settings import load_settings
-from .topology import plan_for
+from .topology import ReadyMarks, plan_for
 from .transport import ModelClient, ModelServer, ipc_endpoint
 
 __all__ = ["VitClassifier", "VitModel", "app"]
@@ -196,9 +196,11 @@ class VitClassifier:
                 asyncio.get_running_loop()
                 self._client.start()
         else:
-            device = PLAN.devices[_worker_index() % len(PLAN.devices)]
+            index = _worker_index()
+            device = PLAN.devices[index % len(PLAN.devices)]
             runner = ModelRunner(SETTINGS, self.metrics, device=device, threads=PLAN.torch_threads)
-            runner.start_loading()
+            self._marks = ReadyMarks(PLAN.http_workers)
+            runner.start_loading(on_ready=lambda: self._marks.mark(index))
             backend = runner
         self.backend = backend
         self.pipeline = Pipeline(SETTINGS, self.metrics, backend, PLAN.decode_threads)
@@ -210,7 +212,10 @@ class VitClassifier:
 
     async def __is_ready__(self) -> bool:
         self._connect()
-        return self.backend.ready
+        if not self.backend.ready:
+            return False
+        # replicas: every worker must be warm, whichever one this probe reached.
+        return self._client is not None or self._marks.all_ready()
 
     @bentoml.on_shutdown
     async def _shutdown(self) -> None:

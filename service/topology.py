@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,7 +33,15 @@ from typing import Literal
 from .cpus import available_cpus
 from .settings import Settings
 
-__all__ = ["SMALL_MODEL_BYTES", "Plan", "make_plan", "plan_for", "weight_bytes"]
+__all__ = [
+    "SMALL_MODEL_BYTES",
+    "Plan",
+    "ReadyMarks",
+    "make_plan",
+    "plan_for",
+    "run_folder",
+    "weight_bytes",
+]
 
 Topology = Literal["replicas", "split"]
 
@@ -178,3 +188,42 @@ def plan_for(settings: Settings) -> Plan:
         cuda_devices=cuda,
         model_bytes=weight_bytes(settings.model),
     )
+
+
+def run_folder(run_id: int | None = None) -> Path:
+    """A private folder shared by the processes of one ``bentoml serve``.
+
+    BentoML's arbiter is the parent of every HTTP worker and model process it runs, so its pid
+    names the folder and no two servers on a host collide.
+    """
+    run = os.getppid() if run_id is None else run_id
+    folder = Path(tempfile.gettempdir()) / f"vit-serve-{run}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
+class ReadyMarks:
+    """Which replicas of this server are warmed up, so any one of them can answer ``/readyz``
+    for all: each writes its pid to ``replica-N.ready`` once warm; a mark whose process is gone
+    (a replica that died and is being restarted) does not count."""
+
+    def __init__(self, replicas: int, folder: Path | None = None) -> None:
+        self.replicas = replicas
+        self.folder = folder
+
+    def _path(self, index: int) -> Path:
+        return (self.folder or run_folder()) / f"replica-{index}.ready"
+
+    def mark(self, index: int) -> None:
+        """This process (replica ``index``) is warm."""
+        self._path(index).write_text(str(os.getpid()))
+
+    def all_ready(self) -> bool:
+        """Every replica has marked itself warm and is still alive."""
+        for index in range(self.replicas):
+            try:
+                pid = int(self._path(index).read_text())
+                os.kill(pid, 0)
+            except (OSError, ValueError):
+                return False
+        return True

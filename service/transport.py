@@ -29,13 +29,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,22 +45,17 @@ from .errors import ApiError
 from .inference import ModelRunner, Outcome, Work, not_ready
 from .loading import ModelInfo
 from .metrics import Metrics
+from .topology import run_folder
 
 __all__ = ["ModelClient", "ModelServer", "ipc_endpoint", "model_info_from_dict"]
+
 
 _logger = logging.getLogger(__name__)
 
 
 def ipc_endpoint(index: int, run_id: int | None = None) -> str:
-    """The private socket of model process ``index`` of this server.
-
-    BentoML's arbiter is the parent of every HTTP worker and model process of one
-    ``bentoml serve``, so its pid names the folder they share and no two servers collide.
-    """
-    run = os.getppid() if run_id is None else run_id
-    folder = Path(tempfile.gettempdir()) / f"vit-serve-{run}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    return f"ipc://{folder}/model-{index}.sock"
+    """The private socket of model process ``index`` of this server."""
+    return f"ipc://{run_folder(run_id)}/model-{index}.sock"
 
 
 def model_info_from_dict(data: dict[str, Any]) -> ModelInfo:

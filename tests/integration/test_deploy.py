@@ -26,8 +26,8 @@ import httpx
 import pytest
 import yaml
 
+from loadtests.prometheus import JOB, Prometheus, run_prometheus
 from loadtests.serving import Server, scrape, serve
-from loadtests.stage_breakdown import JOB, Prometheus, run_prometheus
 from models.digits import load_split, render_digit
 from service.metrics import STAGES
 from tests.conftest import REPO

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from service.settings import Settings
-from service.topology import SMALL_MODEL_BYTES, Plan, make_plan, weight_bytes
+from service.topology import SMALL_MODEL_BYTES, Plan, ReadyMarks, make_plan, weight_bytes
 from tests.conftest import DEFAULT_MODEL_DIR
 
 SMALL = 1_000_000
@@ -72,3 +74,20 @@ def test_weight_bytes_reads_the_checkpoint_size_without_loading() -> None:
     assert weight_bytes(f"vit_tiny_patch16_224@{DEFAULT_MODEL_DIR / 'model.safetensors'}") == size
     assert weight_bytes("local-dir:/nonexistent") is None
     assert weight_bytes("nonsense") is None
+
+
+def test_replicas_are_ready_only_when_every_one_is_warm_and_alive(tmp_path: Path) -> None:
+    marks = ReadyMarks(2, tmp_path)
+    assert not marks.all_ready()
+    marks.mark(0)
+    assert not marks.all_ready()  # replica 1 still loading
+    marks.mark(1)
+    assert marks.all_ready()
+    (tmp_path / "replica-1.ready").write_text(str(_exited_pid()))
+    assert not marks.all_ready()  # replica 1 died: being restarted
+
+
+def _exited_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid

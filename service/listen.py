@@ -24,10 +24,17 @@ import logging
 import socket
 from typing import Any
 
-__all__ = ["balance_connections", "worker_socket"]
+__all__ = ["balance_connections", "running_config", "worker_socket"]
 
 _logger = logging.getLogger(__name__)
 _API_SOCKET = "_bento_api_server"  # bentoml.serving.API_SERVER_NAME
+_running: list[Any] = []  # the uvicorn Config this worker serves with
+
+
+def running_config() -> Any | None:
+    """The ``uvicorn.Config`` this process serves with (its loop and protocol classes), if the
+    server was started through the patched ``uvicorn.Server.run``."""
+    return _running[0] if _running else None
 
 
 def balance_connections() -> None:
@@ -54,6 +61,7 @@ def balance_connections() -> None:
     run = uvicorn.Server.run
 
     def run_on_own_socket(self: Any, sockets: list[socket.socket] | None = None) -> None:
+        _running[:] = [self.config]
         if sockets:
             sockets = [worker_socket(sock, self.config.backlog) for sock in sockets]
         run(self, sockets=sockets)

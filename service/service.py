@@ -20,12 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import os
 import re
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +38,8 @@ from fastapi.staticfiles import StaticFiles
 from .answers import describe_model
 from .errors import ApiError
 from .http import read_request
-from .inference import ModelRunner
-from .listen import balance_connections
+from .inference import ModelRunner, settle_heap
+from .listen import balance_connections, running_config
 from .metrics import Metrics, bound_traffic_labels, create_metrics
 from .options import parse_options
 from .pipeline import Backend, Pipeline
@@ -93,7 +91,7 @@ class JsonResponse(Response):
 
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if _REQUEST_ID.match(given) else os.urandom(16).hex()
 
 
 def _error(exc: ApiError, request_id: str) -> JsonResponse:
@@ -110,16 +108,8 @@ def _worker_index() -> int:
 def _server_runtime() -> dict[str, str]:
     """The event loop and HTTP parser this process really runs (asked, not assumed)."""
     loop = type(asyncio.get_running_loop())
-    protocol = next(
-        (
-            obj.http_protocol_class
-            for obj in gc.get_objects()
-            if type(obj).__name__ == "Config"
-            and type(obj).__module__ == "uvicorn.config"
-            and hasattr(obj, "http_protocol_class")
-        ),
-        None,
-    )
+    config = running_config()
+    protocol = getattr(config, "http_protocol_class", None)
     return {
         "event_loop": f"{loop.__module__}.{loop.__qualname__}",
         "http_protocol": "unknown"
@@ -195,6 +185,7 @@ class VitClassifier:
             with contextlib.suppress(RuntimeError):  # BentoML builds services on its loop
                 asyncio.get_running_loop()
                 self._client.start()
+            settle_heap()
         else:
             index = _worker_index()
             device = PLAN.devices[index % len(PLAN.devices)]
@@ -297,7 +288,7 @@ class VitClassifier:
         try:
             info = backend.info
         except ApiError as exc:
-            return _error(exc, uuid.uuid4().hex)
+            return _error(exc, os.urandom(16).hex())
         if self._server_runtime is None:
             self._server_runtime = _server_runtime()
         runtime: dict[str, Any] = {

@@ -1,4 +1,6 @@
-"""Spread keep-alive connections over the HTTP workers: one listening socket per worker.
+"""Each HTTP worker's uvicorn server: its own listening socket, and the app it serves.
+
+Listening sockets: spread keep-alive connections over the HTTP workers.
 
 BentoML's arbiter binds one TCP socket and hands it to every worker; the workers race to
 ``accept`` on it, and asyncio accepts up to a backlog's worth of connections per wake-up, so the
@@ -16,19 +18,29 @@ Two small patches, both on classes BentoML constructs (``bentoml`` and ``uvicorn
 
 Anything unexpected (no ``SO_REUSEPORT``, a socket that already listens, a Unix socket) leaves
 BentoML's behaviour as it was.
+
+The app: ``wrap_app(fn)`` registers a wrapper applied to the ASGI app uvicorn is about to serve
+(the service uses it to take its hot routes past BentoML's per-request middleware).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["balance_connections", "running_config", "worker_socket"]
+__all__ = ["balance_connections", "running_config", "worker_socket", "wrap_app"]
 
 _logger = logging.getLogger(__name__)
 _API_SOCKET = "_bento_api_server"  # bentoml.serving.API_SERVER_NAME
 _running: list[Any] = []  # the uvicorn Config this worker serves with
+_wrappers: list[Callable[[Any], Any]] = []
+
+
+def wrap_app(wrapper: Callable[[Any], Any]) -> None:
+    """Have each worker serve ``wrapper(app)`` instead of BentoML's ASGI ``app``."""
+    _wrappers.append(wrapper)
 
 
 def running_config() -> Any | None:
@@ -39,29 +51,30 @@ def running_config() -> Any | None:
 
 def balance_connections() -> None:
     """Install both patches (idempotent; call at import of the service module)."""
-    if not hasattr(socket, "SO_REUSEPORT"):
-        return
     import uvicorn
     from circus.sockets import CircusSocket
 
     if getattr(CircusSocket, "_vit_balanced", False):
         return
-    bind_and_listen = CircusSocket.bind_and_listen
-
-    def bind_without_listening(self: Any) -> None:
-        if self.is_unix or self.name != _API_SOCKET:
-            bind_and_listen(self)
-            return
-        self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        self.bind((self.host, self.port))
-
-    CircusSocket.bind_and_listen = bind_without_listening
     CircusSocket._vit_balanced = True
+    if hasattr(socket, "SO_REUSEPORT"):
+        bind_and_listen = CircusSocket.bind_and_listen
+
+        def bind_without_listening(self: Any) -> None:
+            if self.is_unix or self.name != _API_SOCKET:
+                bind_and_listen(self)
+                return
+            self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self.bind((self.host, self.port))
+
+        CircusSocket.bind_and_listen = bind_without_listening
 
     run = uvicorn.Server.run
 
     def run_on_own_socket(self: Any, sockets: list[socket.socket] | None = None) -> None:
         _running[:] = [self.config]
+        for wrapper in _wrappers:
+            self.config.app = wrapper(self.config.app)
         if sockets:
             sockets = [worker_socket(sock, self.config.backlog) for sock in sockets]
         run(self, sockets=sockets)
@@ -73,7 +86,9 @@ def worker_socket(inherited: socket.socket, backlog: int) -> socket.socket:
     """This worker's own listening socket on the inherited socket's address, when the arbiter
     left that socket bound with ``SO_REUSEPORT`` and not listening; else ``inherited``."""
     try:
-        if inherited.family not in (socket.AF_INET, socket.AF_INET6):
+        if inherited.family not in (socket.AF_INET, socket.AF_INET6) or not hasattr(
+            socket, "SO_REUSEPORT"
+        ):
             return inherited
         reuse = inherited.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
         listening = inherited.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)

@@ -31,6 +31,7 @@ class Metrics:
 
     stage_seconds: Any
     request_seconds: Any
+    requests: Any
     images: Any
     image_errors: Any
     batch_size: Any
@@ -76,6 +77,12 @@ def create_metrics(max_batch_size: int, registry: Any = None) -> Metrics:
             "End-to-end handling time of classification requests.",
             ["endpoint"],
             buckets=_SECONDS_BUCKETS,
+            registry=registry,
+        ),
+        requests=prom.Counter(
+            "vit_requests",
+            "Classification requests answered, by endpoint and HTTP status.",
+            ["endpoint", "status"],
             registry=registry,
         ),
         images=prom.Counter(

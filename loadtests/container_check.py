@@ -115,13 +115,16 @@ def _timed(command: list[str], log: Path, env: dict[str, str], timeout: float) -
 # --- build ------------------------------------------------------------------------------------
 
 
-def build_bento(home: Path, bentofile: Path | None = None) -> tuple[str, Path]:
-    """``bentoml build`` (of ``bentofile``, else the top-level one) into its own BentoML home.
+def build_bento(
+    home: Path, bentofile: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[str, Path]:
+    """``bentoml build`` (of ``bentofile``, else the top-level one) into its own BentoML home,
+    with ``env`` (e.g. ``VIT_TOPOLOGY``) added to the environment the service is imported in.
 
     Returns:
         The Bento's tag and its folder.
     """
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    env = {**os.environ, **(env or {}), "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     command = [sys.executable, "-m", "bentoml", "build", "--output", "tag"]
     if bentofile is not None:
         command += ["-f", str(bentofile), "."]

@@ -129,3 +129,16 @@ def test_offline_bento_builds_from_the_local_base(tmp_path: Path) -> None:
     assert re.search(rf"^FROM {re.escape(BASE_IMAGE)}\b", dockerfile, flags=re.MULTILINE)
     assert (bento / "src" / "service" / "ui" / "index.html").is_file()
     assert (bento / "src" / "models" / "vit-digits" / "model.safetensors").is_file()
+
+
+def test_a_split_build_lists_both_services(tmp_path: Path) -> None:
+    """The HTTP service depends on the model service when the plan is ``split`` (as on a GPU
+    host), so the Bento records both; the default plan on this CPU is one replica per core."""
+    _tag, bento = build_bento(tmp_path / "home", env={"VIT_TOPOLOGY": "split"})
+    manifest = yaml.safe_load((bento / "bento.yaml").read_text())
+    services = {svc["name"]: svc for svc in manifest["services"]}
+    assert set(services) == {"vit-classifier", "vit-model"}
+    assert services["vit-classifier"]["dependencies"]
+    assert services["vit-model"]["config"]["workers"] == 1  # one model process per device
+    envs = {env["name"]: env["value"] for env in manifest["envs"]}
+    assert envs["VIT_WORKERS"] == "0" and envs["VIT_TOPOLOGY"] == "auto"

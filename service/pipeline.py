@@ -64,7 +64,7 @@ class Pipeline:
 
     def answers(self, info: ModelInfo) -> AnswerBuilder:
         """The answer builder for the model now served (rebuilt if the model changed)."""
-        if self._answers is None or self._answers.info != info:
+        if self._answers is None or self._answers.info is not info:
             self._answers = AnswerBuilder(info)
         return self._answers
 

@@ -220,6 +220,16 @@ class VitClassifier:
         self.pipeline.close()
 
     async def _classify(self, request: Request, *, batch: bool) -> JsonResponse:
+        response = await self._answer(request, batch=batch)
+        self.count_request(batch, response.status_code)
+        return response
+
+    def count_request(self, batch: bool, status: int) -> None:
+        """One answered request in ``vit_requests_total``."""
+        endpoint = "classify_batch" if batch else "classify"
+        self.metrics.requests.labels(endpoint=endpoint, status=status).inc()
+
+    async def _answer(self, request: Request, *, batch: bool) -> JsonResponse:
         self._connect()
         request_id = _request_id(request)
         metrics = self.metrics
@@ -346,13 +356,13 @@ def hot_routes(app: Any) -> Any:
         except TimeoutError:
             message = f"Not answered within {SETTINGS.request_timeout_s} s; retry later."
             response = _error(ApiError(504, "timeout", message), _request_id(request))
+            service.count_request(batch, response.status_code)
         except Exception:
             _logger.exception("unexpected error on %s", scope["path"])
             failure = ApiError(500, "internal_error", "Unexpected server error; see the log.")
             response = _error(failure, _request_id(request))
+            service.count_request(batch, response.status_code)
         await response(scope, receive, send)
-        endpoint = "classify_batch" if batch else "classify"
-        service.metrics.requests.labels(endpoint=endpoint, status=response.status_code).inc()
         if SETTINGS.access_log:
             client = scope.get("client") or ("-", 0)
             _access_log.info(

@@ -1,0 +1,92 @@
+"""The hot routes skip BentoML's middleware but keep what it gave them: a request timeout
+(504 JSON), a 500 JSON for an unexpected error, request counting; everything else passes on."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import prometheus_client
+import pytest
+
+import service.service as module
+from service.metrics import create_metrics
+from service.settings import Settings
+
+
+class _Service:
+    """Stands in for the VitClassifier instance of a worker."""
+
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+        self.metrics = create_metrics(8, prometheus_client.CollectorRegistry())
+        self.counted: list[tuple[bool, int]] = []
+
+    async def _classify(self, request: Any, *, batch: bool) -> Any:
+        if self.behaviour == "slow":
+            await asyncio.sleep(5)
+        if self.behaviour == "broken":
+            raise RuntimeError("a bug")
+        return module.JsonResponse({"batch": batch})
+
+    def count_request(self, batch: bool, status: int) -> None:
+        self.counted.append((batch, status))
+
+
+async def _inner(scope: Any, receive: Any, send: Any) -> None:
+    response = module.JsonResponse({"inner": scope["path"]})
+    await response(scope, receive, send)
+
+
+def _call(service: _Service, method: str, path: str) -> httpx.Response:
+    app = module.hot_routes(_inner)
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.request(method, path)
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def serving(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    monkeypatch.setattr(module, "SETTINGS", Settings(request_timeout_s=1, access_log=False))
+    slot: list[Any] = []
+    monkeypatch.setattr(module, "_SERVING", slot)
+    return slot
+
+
+def test_hot_routes_reach_the_service_and_the_rest_passes_on(serving: list[Any]) -> None:
+    serving.append(_Service("ok"))
+    assert _call(serving[0], "POST", "/classify").json() == {"batch": False}
+    assert _call(serving[0], "POST", "/classify_batch").json() == {"batch": True}
+    for method, path in (("GET", "/classify"), ("GET", "/metrics"), ("POST", "/model")):
+        assert _call(serving[0], method, path).json() == {"inner": path}
+
+
+def test_before_the_service_exists_everything_passes_on(serving: list[Any]) -> None:
+    assert _call(_Service("ok"), "POST", "/classify").json() == {"inner": "/classify"}
+
+
+def test_a_slow_request_gets_a_504_json_at_the_timeout(serving: list[Any]) -> None:
+    serving.append(_Service("slow"))
+    response = _call(serving[0], "POST", "/classify")
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "timeout"
+    assert serving[0].counted == [(False, 504)]
+
+
+def test_an_unexpected_error_is_a_500_json(serving: list[Any]) -> None:
+    serving.append(_Service("broken"))
+    response = _call(serving[0], "POST", "/classify_batch")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"
+    assert response.headers["x-request-id"]
+    assert serving[0].counted == [(True, 500)]
+
+
+def test_with_tracing_on_nothing_is_bypassed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(module, "SETTINGS", Settings(tracing=True))
+    assert module.hot_routes(_inner) is _inner

@@ -96,7 +96,7 @@ class AnswerBuilder:
             "crop_box": [round(c, 2) for c in crop],
             "top": []
             if weights is None
-            else top_patches(weights, TOP_PATCHES, info, image.width, image.height),
+            else top_patches(weights, TOP_PATCHES, info, image.width, image.height, crop),
         }
         answer["image"] = {
             "width": image.width,

@@ -226,16 +226,18 @@ class Engine:
         last = captured[-1]
         batch, tokens = last.shape[0], last.shape[-1]
         if info.has_class_token:
-            query = torch.zeros((batch, tokens), device=last.device)
-            query[:, 0] = 1.0
+            query = None  # the CLS row: read it directly
+            cls_rows = last[:, 0, prefix:]
         else:
             # No CLS token: read what the patch tokens attend to, averaged over them.
             query = torch.zeros((batch, tokens), device=last.device)
             query[:, prefix:] = 1.0 / (tokens - prefix)
-
-        cls_rows = torch.bmm(query.unsqueeze(1), last).squeeze(1)[:, prefix:]
+            cls_rows = torch.bmm(query.unsqueeze(1), last).squeeze(1)[:, prefix:]
         per_mode = {"cls": _normalize(cls_rows)}
         if need == _RANK["rollout"]:
+            if query is None:
+                query = torch.zeros((batch, tokens), device=last.device)
+                query[:, 0] = 1.0
             per_mode["rollout"] = _normalize(rollout(captured, query)[:, prefix:])
         rows, cols = info.grid
         maps = {mode: w.reshape(batch, rows, cols).cpu().numpy() for mode, w in per_mode.items()}

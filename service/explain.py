@@ -70,9 +70,19 @@ def top_k(probs: np.ndarray, k: int, labels: tuple[str, ...]) -> list[dict[str, 
     return [{"index": int(i), "label": labels[i], "score": float(probs[i])} for i in index]
 
 
-def patch_box(row: int, col: int, info: ModelInfo, width: int, height: int) -> list[float]:
-    """Patch (row, col) as [x0, y0, x1, y1] in the original image, clipped to it."""
-    cx0, cy0, cx1, cy1 = crop_window(height, width, info)
+def patch_box(
+    row: int,
+    col: int,
+    info: ModelInfo,
+    width: int,
+    height: int,
+    crop: tuple[float, float, float, float] | None = None,
+) -> list[float]:
+    """Patch (row, col) as [x0, y0, x1, y1] in the original image, clipped to it.
+
+    ``crop``: ``crop_window(height, width, info)`` when the caller already has it.
+    """
+    cx0, cy0, cx1, cy1 = crop or crop_window(height, width, info)
     in_h, in_w = info.input_size[1], info.input_size[2]
     ph, pw = info.patch_size
     sx, sy = (cx1 - cx0) / in_w, (cy1 - cy0) / in_h
@@ -87,20 +97,27 @@ def patch_box(row: int, col: int, info: ModelInfo, width: int, height: int) -> l
 
 
 def top_patches(
-    weights: np.ndarray, count: int, info: ModelInfo, width: int, height: int
+    weights: np.ndarray,
+    count: int,
+    info: ModelInfo,
+    width: int,
+    height: int,
+    crop: tuple[float, float, float, float] | None = None,
 ) -> list[dict[str, Any]]:
     """The ``count`` most-attended patches with their boxes in original pixels."""
     flat = weights.reshape(-1)
     count = min(count, flat.shape[0])
-    order = np.argsort(-flat, kind="stable")[:count]
+    order = np.argsort(-flat, kind="stable")[:count].tolist()
+    values = flat.tolist()
     cols = info.grid[1]
+    crop = crop or crop_window(height, width, info)
     return [
         {
-            "index": int(i),
-            "row": int(i // cols),
-            "col": int(i % cols),
-            "attention": float(flat[i]),
-            "box": patch_box(int(i // cols), int(i % cols), info, width, height),
+            "index": i,
+            "row": i // cols,
+            "col": i % cols,
+            "attention": values[i],
+            "box": patch_box(i // cols, i % cols, info, width, height, crop),
         }
         for i in order
     ]

@@ -25,10 +25,15 @@ from .metrics import Metrics
 from .options import Options
 from .settings import Settings
 
-__all__ = ["INLINE_DECODE_BYTES", "Backend", "Pipeline"]
+__all__ = ["INLINE_DECODE_BYTES", "Backend", "Pipeline", "Prepared"]
 
 # Uploads up to this size are decoded on the event loop (see Pipeline.classify).
 INLINE_DECODE_BYTES = 32 * 1024
+
+
+# One upload after decoding: what the answer reports about it (or its error), the model's Work
+# (None for a refused upload) and the decode seconds.
+Prepared = tuple[ImageFacts | ApiError, Work | None, float]
 
 
 class Backend(Protocol):
@@ -77,13 +82,18 @@ class Pipeline:
     ) -> list[dict[str, Any] | ApiError]:
         """Classify each upload; a bad one yields its ApiError in its slot, the rest go on."""
         started = time.perf_counter()
+        prepared = await self.prepare(uploads, options)
+        return await self.finish(prepared, options, request_id, started)
+
+    async def prepare(self, uploads: Sequence[Upload], options: Options) -> list[Prepared]:
+        """Decode (or, for the device, inspect) each upload: its facts or error, its Work."""
         backend = self.backend
         info = backend.info
         on_device = backend.decodes_on_device and not options.heatmap
         min_side = info.resize_size
         loop = asyncio.get_running_loop()
 
-        def prepare(upload: Upload) -> tuple[ImageFacts | ApiError, Work | None, float]:
+        def prepare(upload: Upload) -> Prepared:
             t0 = time.perf_counter()
             try:
                 if on_device:
@@ -99,12 +109,21 @@ class Pipeline:
         if len(uploads) == 1 and len(uploads[0].data) <= INLINE_DECODE_BYTES:
             # A small upload decodes in well under a millisecond: cheaper here than the two
             # thread hand-offs (and GIL switches) of a trip through the pool.
-            prepared = [prepare(uploads[0])]
-        else:
-            with backend.arriving(len(uploads)):
-                prepared = await asyncio.gather(
+            return [prepare(uploads[0])]
+        with backend.arriving(len(uploads)):
+            return list(
+                await asyncio.gather(
                     *(loop.run_in_executor(self._pool, prepare, upload) for upload in uploads)
                 )
+            )
+
+    async def finish(
+        self, prepared: list[Prepared], options: Options, request_id: str, started: float
+    ) -> list[dict[str, Any] | ApiError]:
+        """Run the prepared images through the model and build each one's answer."""
+        backend = self.backend
+        info = backend.info
+        loop = asyncio.get_running_loop()
         good = [i for i, (_, work, _) in enumerate(prepared) if work is not None]
         outcomes = await backend.infer([prepared[i][1] for i in good])  # type: ignore[misc]
         done = dict(zip(good, outcomes, strict=True))
@@ -123,7 +142,7 @@ class Pipeline:
                 heatmap = await loop.run_in_executor(
                     self._pool, heatmap_png, facts, out.attention, info
                 )
-            rid = request_id if len(uploads) == 1 else f"{request_id}-{index}"
+            rid = request_id if len(prepared) == 1 else f"{request_id}-{index}"
             answer = answers.classify(facts, out, options, heatmap_png=heatmap, request_id=rid)
             post_s = time.perf_counter() - post_started
             self.metrics.observe_stage("postprocess", post_s)

@@ -238,21 +238,25 @@ class VitClassifier:
         started = time.perf_counter()
         file_count = 1
         try:
-            info = self.backend.info
-            parsed = await read_request(
-                request,
-                file_field="images" if batch else "image",
-                max_files=SETTINGS.max_images_per_request if batch else 1,
-                max_body_bytes=SETTINGS.max_body_bytes,
-            )
-            file_count = parsed.file_count
-            options = parse_options(
-                parsed.fields,
-                info.num_classes,
-                default_top_k=SETTINGS.default_top_k,
-                default_attention=SETTINGS.default_attention,
-            )
-            results = await self.pipeline.classify(parsed.uploads, options, request_id)
+            # Announced from the first byte: an idle replica's batcher waits (at most
+            # VIT_MAX_WAIT_MS) for requests still being read and decoded, so they share a batch.
+            with self.backend.arriving(1):
+                info = self.backend.info
+                parsed = await read_request(
+                    request,
+                    file_field="images" if batch else "image",
+                    max_files=SETTINGS.max_images_per_request if batch else 1,
+                    max_body_bytes=SETTINGS.max_body_bytes,
+                )
+                file_count = parsed.file_count
+                options = parse_options(
+                    parsed.fields,
+                    info.num_classes,
+                    default_top_k=SETTINGS.default_top_k,
+                    default_attention=SETTINGS.default_attention,
+                )
+                prepared = await self.pipeline.prepare(parsed.uploads, options)
+            results = await self.pipeline.finish(prepared, options, request_id, started)
         except ApiError as exc:
             self.pipeline.count([exc] * file_count)
             return _error(exc, request_id)

@@ -239,14 +239,16 @@ class ModelRunner:
         result = engine.run([images[i] for i in good], [works[i].mode for i in good])
         metrics = self.metrics
         if jpegs:
-            metrics.observe_stage("decode", decode_s)
+            metrics.observe_stage("device_decode", decode_s)
         metrics.observe_stage("preprocess", result.preprocess_ms / 1e3)
         metrics.observe_stage("forward", result.forward_ms / 1e3)
         metrics.observe_stage("attention", result.attention_ms / 1e3)
         if engine.device.type == "cuda":
             metrics.gpu_memory.labels(kind="allocated").set(torch.cuda.memory_allocated())
             metrics.gpu_memory.labels(kind="reserved").set(torch.cuda.memory_reserved())
-        inference_ms = result.preprocess_ms + result.forward_ms + result.attention_ms
+        inference_ms = (
+            decode_s * 1e3 + result.preprocess_ms + result.forward_ms + result.attention_ms
+        )
         outcomes: list[Outcome | ApiError] = [
             image if isinstance(image, ApiError) else _NO_OUTCOME for image in images
         ]

@@ -12,11 +12,21 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["STAGES", "UNMATCHED_PATH", "Metrics", "bound_traffic_labels", "create_metrics"]
+__all__ = [
+    "DEVICE_STAGES",
+    "STAGES",
+    "UNMATCHED_PATH",
+    "Metrics",
+    "bound_traffic_labels",
+    "create_metrics",
+]
 
 STAGES = (
-    "decode", "transport", "queue", "preprocess", "forward", "attention", "postprocess",
+    "decode", "transport", "queue", "device_decode", "preprocess", "forward", "attention",
+    "postprocess",
 )  # fmt: skip
+# Stages only a model decoding JPEGs on its device runs (VIT_DEVICE_DECODE).
+DEVICE_STAGES = frozenset({"device_decode"})
 
 # Millisecond work: 0.5 ms .. 10 s, roughly x2 per bucket.
 _SECONDS_BUCKETS = (
@@ -42,13 +52,17 @@ class Metrics:
     gpu_memory: Any
 
     def __post_init__(self) -> None:
-        # Label lookups cost more than the observations; resolve the fixed ones once.
-        stages = {stage: self.stage_seconds.labels(stage=stage) for stage in STAGES}
-        object.__setattr__(self, "_stages", stages)
+        # Label lookups cost more than the observations: each stage's child is resolved once,
+        # on first use (a stage this process never runs gets no series).
+        object.__setattr__(self, "_stages", {})
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Record one stage's duration."""
-        self._stages[stage].observe(seconds)  # type: ignore[attr-defined]
+        stages: dict[str, Any] = self._stages  # type: ignore[attr-defined]
+        child = stages.get(stage)
+        if child is None:
+            child = stages[stage] = self.stage_seconds.labels(stage=stage)
+        child.observe(seconds)
 
 
 def create_metrics(max_batch_size: int, registry: Any = None) -> Metrics:
@@ -66,8 +80,8 @@ def create_metrics(max_batch_size: int, registry: Any = None) -> Metrics:
         stage_seconds=prom.Histogram(
             "vit_stage_duration_seconds",
             "Time spent per pipeline stage (decode/queue/postprocess per image; "
-            "preprocess/forward/attention per batch; transport per message between an HTTP "
-            "worker and a model process).",
+            "device_decode/preprocess/forward/attention per batch; transport per message "
+            "between an HTTP worker and a model process).",
             ["stage"],
             buckets=_SECONDS_BUCKETS,
             registry=registry,

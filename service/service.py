@@ -45,7 +45,7 @@ from .options import parse_options
 from .pipeline import Backend, Pipeline
 from .schemas import BatchItem, ClassifyResponse, ErrorResponse, ModelResponse
 from .settings import load_settings
-from .topology import ReadyMarks, plan_for
+from .topology import ReadyMarks, claim_run_folder, plan_for
 from .transport import ModelClient, ModelServer, ipc_endpoint
 
 __all__ = ["VitClassifier", "VitModel", "app"]
@@ -393,3 +393,5 @@ def _known_paths() -> frozenset[str]:
 bound_traffic_labels(_known_paths)
 balance_connections()
 wrap_app(hot_routes)
+if server_context.worker_index is None:  # the arbiter (or a build): the workers' shared folder
+    claim_run_folder()

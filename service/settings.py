@@ -51,8 +51,9 @@ class Settings(BaseSettings):
         ge=0,
         le=64,
         description=(
-            "HTTP worker processes; 0 = one per usable CPU (replicas) or what the topology "
-            "leaves for HTTP beside the model processes (split), at most 16."
+            "HTTP worker processes; 0 = one per usable CPU (replicas), a quarter of them "
+            "(split on CPU) or the CPUs left beside the model processes (split on GPU); "
+            "at most 16."
         ),
     )
     topology: Literal["auto", "replicas", "split"] = Field(

@@ -22,9 +22,11 @@ processes fight over cores.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ __all__ = [
     "SMALL_MODEL_BYTES",
     "Plan",
     "ReadyMarks",
+    "claim_run_folder",
     "make_plan",
     "plan_for",
     "run_folder",
@@ -108,8 +111,8 @@ def make_plan(
         default_workers = max(1, min(cpus - processes, MAX_HTTP_WORKERS))
         threads = settings.torch_threads or 1
     else:
-        # Half the cores parse and decode, the other half run the model.
-        default_workers = max(1, cpus // 2)
+        # A model too large to copy per core: most cores run it, a quarter parse and decode.
+        default_workers = max(1, cpus // 4)
         threads = settings.torch_threads or max(1, (cpus - default_workers) // processes)
     workers = settings.workers or default_workers
     decode = max(1, math.floor(max(1, cpus - processes * threads) / workers))
@@ -199,6 +202,17 @@ def run_folder(run_id: int | None = None) -> Path:
     run = os.getppid() if run_id is None else run_id
     folder = Path(tempfile.gettempdir()) / f"vit-serve-{run}"
     folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
+def claim_run_folder() -> Path:
+    """In the arbiter (the process whose pid names the folder): start from an empty folder and
+    remove it at exit, so no mark or socket of an earlier server whose pid this one reuses can
+    count, and nothing is left behind in the temp folder."""
+    folder = run_folder(os.getpid())
+    for stale in folder.iterdir():
+        stale.unlink(missing_ok=True)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
 
 

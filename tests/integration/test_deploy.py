@@ -29,7 +29,7 @@ import yaml
 from loadtests.prometheus import JOB, Prometheus, run_prometheus
 from loadtests.serving import Server, scrape, serve
 from models.digits import load_split, render_digit
-from service.metrics import STAGES
+from service.metrics import DEVICE_STAGES, STAGES
 from tests.conftest import REPO
 
 DEPLOY = REPO / "deploy"
@@ -559,7 +559,8 @@ def test_stage_quantiles_cover_every_stage(live: Live, traffic: Sent) -> None:
         "histogram_quantile(0.5, sum by (le, stage) (rate(vit_stage_duration_seconds_bucket[1m])))"
     )
     by_stage = {dict(labels)["stage"]: value for labels, value in p50.items()}
-    assert set(by_stage) == set(STAGES)
+    # This server decodes with Pillow on the CPU: no device-decode stage.
+    assert set(by_stage) == set(STAGES) - DEVICE_STAGES
     assert all(math.isfinite(value) and value >= 0 for value in by_stage.values()), by_stage
 
 

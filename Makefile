@@ -70,7 +70,7 @@ loadtest: $(STAMP) ## Headless locust run (USERS, DURATION s, MAX_P95_MS, SHAPE=
 	$(PY) -m loadtests.loadtest --users $(USERS) --duration $(DURATION) --max-p95-ms $(MAX_P95_MS) \
 		--shape $(SHAPE) $(if $(URL),--host $(URL))
 
-bench: $(STAMP) ## Offline vs served benchmarks -> results/bench-cpu.{json,md} (needs wrk)
+bench: $(STAMP) ## Offline vs served, and ours vs a hand-written peer -> results/bench-cpu.{json,md} (needs wrk)
 	$(PY) -m loadtests.bench cpu
 
 container-test: $(STAMP) ## Build the image with podman (no registry), run it, classify, scrape, stop -> results/container-test.json

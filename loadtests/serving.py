@@ -1,4 +1,4 @@
-"""Run a real ``bentoml serve`` of the service on a free loopback port (tests, benchmarks)."""
+"""Run a real ``bentoml serve`` of the service, or the hand-written peer, on a loopback port."""
 
 from __future__ import annotations
 
@@ -15,7 +15,15 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["Server", "free_port", "parse_exposition", "scrape", "serve", "wait_ready"]
+__all__ = [
+    "Server",
+    "free_port",
+    "parse_exposition",
+    "scrape",
+    "serve",
+    "serve_peer",
+    "wait_ready",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,6 +78,11 @@ class Server:
     log: Path
     process: subprocess.Popen[bytes]
 
+    @property
+    def port(self) -> int:
+        """The loopback port it listens on."""
+        return int(self.url.rsplit(":", 1)[1])
+
     def log_text(self) -> str:
         """Everything the server has logged so far."""
         return self.log.read_text(errors="replace")
@@ -85,7 +98,6 @@ def serve(
 ) -> Iterator[Server]:
     """Start ``bentoml serve service.service:VitClassifier``; yield once /readyz answers 200."""
     port = port or free_port()
-    log = log_dir / f"serve-{port}.log"
     full_env = {
         **os.environ,
         "BENTOML_DO_NOT_TRACK": "true",
@@ -98,14 +110,50 @@ def serve(
     }
     command = [sys.executable, "-m", "bentoml", "serve", "service.service:VitClassifier",
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with _run(command, full_env, log_dir / f"serve-{port}.log", port, "/readyz",
+              ready_timeout_s, "bentoml serve") as server:  # fmt: skip
+        yield server
+
+
+@contextlib.contextmanager
+def serve_peer(
+    log_dir: Path,
+    *,
+    model: str,
+    workers: int = 1,
+    threads: int = 0,
+    ready_timeout_s: float = 180.0,
+    port: int | None = None,
+) -> Iterator[Server]:
+    """Start the hand-written peer (``loadtests.peer``); yield once all its workers are ready."""
+    port = port or free_port()
+    command = [sys.executable, "-m", "loadtests.peer", "--model", model, "--port", str(port),
+               "--workers", str(workers), "--threads", str(threads)]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with _run(command, env, log_dir / f"peer-{port}.log", port, "/healthz",
+              ready_timeout_s, "loadtests.peer") as server:  # fmt: skip
+        yield server
+
+
+@contextlib.contextmanager
+def _run(
+    command: list[str],
+    env: dict[str, str],
+    log: Path,
+    port: int,
+    ready_path: str,
+    ready_timeout_s: float,
+    what: str,
+) -> Iterator[Server]:
+    """Run ``command`` in its own process group until the block ends; SIGTERM, then SIGKILL."""
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            command, cwd=REPO, env=full_env, stdout=sink, stderr=subprocess.STDOUT,
+            command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
     server = Server(f"http://127.0.0.1:{port}", log, process)
     try:
-        wait_ready(process, f"{server.url}/readyz", log, ready_timeout_s, "bentoml serve")
+        wait_ready(process, f"{server.url}{ready_path}", log, ready_timeout_s, what)
         yield server
     finally:
         with contextlib.suppress(ProcessLookupError):

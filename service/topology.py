@@ -116,6 +116,9 @@ def make_plan(
         threads = settings.torch_threads or max(1, (cpus - default_workers) // processes)
     workers = settings.workers or default_workers
     decode = max(1, math.floor(max(1, cpus - processes * threads) / workers))
+    busy = workers + (0 if on_gpu else processes * threads)
+    if busy > cpus:
+        reason += f" (VIT_WORKERS={workers} asks for {busy} busy threads on {cpus} CPUs)"
     return Plan("split", workers, devices, threads, decode, reason, cpus)
 
 

@@ -4,6 +4,7 @@ bound for all workers, and a model process that goes away fails fast and comes b
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -78,7 +79,28 @@ def _images(count: int) -> list[np.ndarray]:
     return [RNG.integers(0, 256, (40 + 3 * i, 36, 3), dtype=np.uint8) for i in range(count)]
 
 
-def test_answers_through_the_hop_match_the_model_in_process(model: _Model, endpoint: str) -> None:
+@pytest.fixture(params=["ipc", "tcp"])
+def any_endpoint(request: pytest.FixtureRequest, endpoint: str) -> str:
+    """The private ipc socket, or TCP as when the model process runs as its own deployment."""
+    if request.param == "ipc":
+        return endpoint
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"tcp://127.0.0.1:{port}"
+
+
+def test_answers_through_the_hop_match_the_model_in_process(
+    model_dir: Path, any_endpoint: str
+) -> None:
+    model = _Model(_runner(model_dir), any_endpoint)
+    try:
+        _compare(model, any_endpoint)
+    finally:
+        model.stop()
+
+
+def _compare(model: _Model, endpoint: str) -> None:
     images = _images(5)
     modes = ["cls", "none", "rollout", "cls", "none"]
     works = [Work(mode, pixels=img) for img, mode in zip(images, modes, strict=True)]  # type: ignore[arg-type]

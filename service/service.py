@@ -56,6 +56,9 @@ SETTINGS = load_settings()
 PLAN = plan_for(SETTINGS)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _CLASSIFY_ROUTES = ["/classify", "/classify_batch"]
+# How long a just-started HTTP worker's first requests wait for its first word from a model
+# process (the model is usually up: a respawned worker connects within milliseconds).
+FIRST_CONTACT_S = 5.0
 _HOT_ROUTES = {"/classify": False, "/classify_batch": True}  # path -> batch endpoint?
 _access_log = logging.getLogger("bentoml.access")
 
@@ -240,6 +243,8 @@ class VitClassifier:
         try:
             # Announced from the first byte: an idle replica's batcher waits (at most
             # VIT_MAX_WAIT_MS) for requests still being read and decoded, so they share a batch.
+            if self._client is not None:
+                await self._client.first_contact(FIRST_CONTACT_S)
             with self.backend.arriving(1):
                 info = self.backend.info
                 parsed = await read_request(

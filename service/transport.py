@@ -220,12 +220,14 @@ class ModelClient:
         self._flush_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
         self._context: zmq.asyncio.Context | None = None
+        self._first_info: asyncio.Event | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         """Connect to every model process (call on the serving event loop; idempotent)."""
         if self._context is not None:
             return
+        self._first_info = asyncio.Event()
         self._context = zmq.asyncio.Context()
         for endpoint in self.endpoints:
             sock = self._context.socket(zmq.DEALER)
@@ -253,6 +255,18 @@ class ModelClient:
             self._fail(link, not_ready("The server is shutting down."))
         if self._context is not None:
             self._context.destroy(linger=0)  # closes the sockets and their monitors
+
+    async def first_contact(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) until this worker has heard from a model process once.
+
+        A freshly (re)started HTTP worker takes connections a moment before its sockets have
+        reached the model processes; its first requests wait for that instead of being told
+        ``not_ready`` while the model is up. A model process lost later fails fast instead.
+        """
+        if self._first_info is None or self._first_info.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_info.wait(), timeout_s)
 
     @property
     def ready(self) -> bool:
@@ -371,6 +385,8 @@ class ModelClient:
                     self.warmup_ms = header["warmup_ms"]
                     self._on_device = header["decodes_on_device"]
                     self.runtime[link.endpoint] = header["runtime"]
+                    if self._first_info is not None:
+                        self._first_info.set()
                     continue
                 self._deliver(link, header, frames[1:], received)
             except Exception:

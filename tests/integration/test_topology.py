@@ -220,3 +220,55 @@ def test_one_and_two_replicas_both_serve_a_fixed_load(tmp_path: Path, workers: s
 
         assert asyncio.run(drive()) == Counter({200: 200})
         assert _runtime(running.url)["http_workers"] == int(workers)
+
+
+def test_a_dying_http_worker_loses_only_its_own_in_flight_requests(tmp_path: Path) -> None:
+    env = {**SPLIT_ENV, "VIT_REQUEST_TIMEOUT_S": str(TIMEOUT_S)}
+    with serve(env, tmp_path) as running:
+        data = digit(4, 64, False)
+        victim: list[int] = []
+        outcomes: list[tuple[int, str]] = []  # (user, "200" | "503:<code>" | "lost")
+
+        async def user(index: int, stop_at: float) -> None:
+            # One keep-alive connection per user: when its worker dies, only the request then
+            # in flight on it may be lost; the next one reconnects (to a live worker).
+            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+            async with httpx.AsyncClient(timeout=TIMEOUT_S + 5, limits=limits) as client:
+                while time.monotonic() < stop_at:
+                    try:
+                        response = await client.post(
+                            f"{running.url}/classify", files={"image": ("d.png", data)}
+                        )
+                    except httpx.TransportError:
+                        outcomes.append((index, "lost"))
+                        continue
+                    code = "" if response.status_code == 200 else response.json()["error"]["code"]
+                    outcomes.append((index, f"{response.status_code}{code}"))
+
+        async def scenario() -> None:
+            stop_at = time.monotonic() + 4
+            users = asyncio.gather(*(user(i, stop_at) for i in range(8)))
+            await asyncio.sleep(1.5)
+            victim.append(_runtime(running.url)["pid"])
+            os.kill(victim[0], signal.SIGKILL)
+            await users
+
+        asyncio.run(scenario())
+        kinds = Counter(kind for _, kind in outcomes)
+        assert set(kinds) <= {"200", "lost"}, kinds  # no 5xx from the survivor
+        lost_per_user = Counter(index for index, kind in outcomes if kind == "lost")
+        assert all(count == 1 for count in lost_per_user.values()), lost_per_user
+        assert kinds["200"] > 8 * max(1, len(lost_per_user)), kinds
+        # The arbiter restarts the worker; both answer again.
+        deadline = time.monotonic() + 120
+        while True:
+            clients = [httpx.Client() for _ in range(16)]
+            try:
+                pids = {_runtime(running.url, c)["pid"] for c in clients}
+            finally:
+                for c in clients:
+                    c.close()
+            if len(pids) == 2 and victim[0] not in pids:
+                break
+            assert time.monotonic() < deadline, pids
+            time.sleep(0.5)

@@ -27,7 +27,7 @@ from .settings import Settings
 
 __all__ = ["INLINE_DECODE_BYTES", "Backend", "Pipeline", "Prepared"]
 
-# Uploads up to this size are decoded on the event loop (see Pipeline.classify).
+# Uploads up to this size are decoded on the event loop (see Pipeline.prepare).
 INLINE_DECODE_BYTES = 32 * 1024
 
 
@@ -76,14 +76,6 @@ class Pipeline:
     def close(self) -> None:
         """Stop the decode threads."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-    async def classify(
-        self, uploads: Sequence[Upload], options: Options, request_id: str
-    ) -> list[dict[str, Any] | ApiError]:
-        """Classify each upload; a bad one yields its ApiError in its slot, the rest go on."""
-        started = time.perf_counter()
-        prepared = await self.prepare(uploads, options)
-        return await self.finish(prepared, options, request_id, started)
 
     async def prepare(self, uploads: Sequence[Upload], options: Options) -> list[Prepared]:
         """Decode (or, for the device, inspect) each upload: its facts or error, its Work."""

@@ -55,11 +55,12 @@ _logger = logging.getLogger(__name__)
 SETTINGS = load_settings()
 PLAN = plan_for(SETTINGS)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_CLASSIFY_ROUTES = ["/classify", "/classify_batch"]
+
 # How long a just-started HTTP worker's first requests wait for its first word from a model
 # process (the model is usually up: a respawned worker connects within milliseconds).
 FIRST_CONTACT_S = 5.0
 _HOT_ROUTES = {"/classify": False, "/classify_batch": True}  # path -> batch endpoint?
+_CLASSIFY_ROUTES = list(_HOT_ROUTES)
 _access_log = logging.getLogger("bentoml.access")
 
 # BentoML serves the merged OpenAPI document at /docs.json; FastAPI's own doc pages stay off.

@@ -158,14 +158,13 @@ def _cached_hub_bytes(model_id: str) -> int | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - a dependency of timm
         return None
-    for name in ("model.safetensors", "config.json"):
-        found = try_to_load_from_cache(model_id, name)
-        if isinstance(found, str) and name == "model.safetensors":
-            return Path(found).stat().st_size
-        if isinstance(found, str):
-            # Only the config is cached: fall back to the parameter count it implies.
-            config = json.loads(Path(found).read_text())
-            return _meta_bytes(config.get("architecture"))
+    weights = try_to_load_from_cache(model_id, "model.safetensors")
+    if isinstance(weights, str):
+        return Path(weights).stat().st_size
+    # Only the config is cached: fall back to the parameter count its architecture implies.
+    config = try_to_load_from_cache(model_id, "config.json")
+    if isinstance(config, str):
+        return _meta_bytes(json.loads(Path(config).read_text()).get("architecture"))
     return None
 
 

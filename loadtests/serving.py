@@ -95,8 +95,10 @@ def serve(
     *,
     ready_timeout_s: float = 180.0,
     port: int | None = None,
+    ready_path: str = "/readyz",
 ) -> Iterator[Server]:
-    """Start ``bentoml serve service.service:VitClassifier``; yield once /readyz answers 200."""
+    """Start ``bentoml serve service.service:VitClassifier``; yield once ``ready_path`` (by
+    default /readyz) answers 200."""
     port = port or free_port()
     full_env = {
         **os.environ,
@@ -110,7 +112,7 @@ def serve(
     }
     command = [sys.executable, "-m", "bentoml", "serve", "service.service:VitClassifier",
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    with _run(command, full_env, log_dir / f"serve-{port}.log", port, "/readyz",
+    with _run(command, full_env, log_dir / f"serve-{port}.log", port, ready_path,
               ready_timeout_s, "bentoml serve") as server:  # fmt: skip
         yield server
 

@@ -25,12 +25,12 @@ import torch
 from .batching import BatchStats, MicroBatcher, Overloaded
 from .errors import ApiError
 from .imaging import ImageLimits, decode_image
-from .loading import ModelInfo, load_model
+from .loading import ModelInfo, ModelLoadError, load_model
 from .metrics import Metrics
 from .options import AttentionMode
 from .settings import Settings
 
-__all__ = ["ModelRunner", "Outcome", "Work", "not_ready", "settle_heap"]
+__all__ = ["ModelRunner", "Outcome", "Work", "load_failed", "not_ready", "settle_heap"]
 
 _logger = logging.getLogger(__name__)
 
@@ -74,6 +74,19 @@ def settle_heap() -> None:
 def not_ready(message: str = "The model is still loading; retry shortly.") -> ApiError:
     """The 503 every path answers while no model can take the request."""
     return ApiError(503, "not_ready", message, {"Retry-After": "5"})
+
+
+def load_failed(error: str) -> ApiError:
+    """The 503 every path answers once the model failed to load (``VIT_ON_LOAD_FAILURE=serve``).
+
+    No ``Retry-After``: nothing retries the load, so retrying the request cannot help.
+    """
+    return ApiError(
+        503,
+        "load_failed",
+        f"The model failed to load: {error} Fix VIT_MODEL or the checkpoint and restart the "
+        "server; the server log has the details.",
+    )
 
 
 class ModelRunner:
@@ -140,8 +153,11 @@ class ModelRunner:
             engine = Engine(loaded)
             self.warmup_ms = engine.warmup(settings.max_batch_size)
         except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            _logger.exception("model failed to load")
+            message = str(exc)
+            if not isinstance(exc, ModelLoadError):
+                message = f"{type(exc).__name__}: {message}"
+            self.load_error = message if message.endswith(".") else f"{message}."
+            _logger.exception("the model failed to load (VIT_MODEL=%s): %s", settings.model, exc)
             raise
         self._engine = engine
         self._batcher = MicroBatcher(
@@ -166,20 +182,35 @@ class ModelRunner:
         settle_heap()
         self._ready.set()
 
-    def start_loading(self, on_ready: Callable[[], None] | None = None) -> threading.Thread:
+    def start_loading(
+        self,
+        on_ready: Callable[[], None] | None = None,
+        on_failure: Callable[[str], object] | None = None,
+    ) -> threading.Thread:
         """Load in the background so liveness answers while a large model loads."""
         thread = threading.Thread(
-            target=self._load_quietly, args=(on_ready,), name="vit-load", daemon=True
+            target=self._load_quietly, args=(on_ready, on_failure), name="vit-load", daemon=True
         )
         thread.start()
         return thread
 
-    def _load_quietly(self, on_ready: Callable[[], None] | None) -> None:
+    @property
+    def settled(self) -> bool:
+        """Loading is over: ready, or failed."""
+        return self.ready or self.load_error is not None
+
+    def _load_quietly(
+        self, on_ready: Callable[[], None] | None, on_failure: Callable[[str], object] | None
+    ) -> None:
         # A failure is logged and kept in load_error; readiness stays false.
-        with contextlib.suppress(Exception):
+        try:
             self.load()
-            if on_ready is not None:
-                on_ready()
+        except Exception:
+            if on_failure is not None and self.load_error is not None:
+                on_failure(self.load_error)
+            return
+        if on_ready is not None:
+            on_ready()
 
     async def aclose(self) -> None:
         """Stop the batcher; queued callers are cancelled."""
@@ -188,7 +219,7 @@ class ModelRunner:
 
     def _not_ready(self) -> ApiError:
         if self.load_error:
-            return not_ready(f"The model failed to load ({self.load_error}); see the server log.")
+            return load_failed(self.load_error)
         return not_ready()
 
     # --- requests --------------------------------------------------------------------------

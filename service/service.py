@@ -36,6 +36,7 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from .answers import describe_model
+from .drain import draining, install, on_header_timeout
 from .errors import ApiError
 from .http import read_request
 from .inference import ModelRunner, settle_heap
@@ -45,7 +46,13 @@ from .options import parse_options
 from .pipeline import Backend, Pipeline
 from .schemas import BatchItem, ClassifyResponse, ErrorResponse, ModelResponse
 from .settings import load_settings
-from .topology import ReadyMarks, claim_run_folder, plan_for
+from .topology import (
+    ReadyMarks,
+    claim_run_folder,
+    load_failure_reported,
+    plan_for,
+    report_load_failure,
+)
 from .transport import ModelClient, ModelServer, ipc_endpoint
 
 __all__ = ["VitClassifier", "VitModel", "app"]
@@ -106,6 +113,20 @@ def _error(exc: ApiError, request_id: str) -> JsonResponse:
     )
 
 
+def _load_failed(error: str) -> bool:
+    """A model could not load: end the server (``VIT_ON_LOAD_FAILURE=exit``, after the runner
+    logged the error) or keep serving the error. Returns whether to keep serving."""
+    if SETTINGS.on_load_failure == "exit":
+        _logger.error("stopping the server (VIT_ON_LOAD_FAILURE=exit): %s", error)
+        report_load_failure(error)
+        return False
+    return True
+
+
+def _overloaded(message: str) -> ApiError:
+    return ApiError(503, "overloaded", message, {"Retry-After": "1"})
+
+
 def _worker_index() -> int:
     """0-based index of this worker process within its service."""
     return max(0, (server_context.worker_index or 1) - 1)
@@ -144,11 +165,11 @@ class VitModel:
         self.runner = ModelRunner(SETTINGS, self.metrics, device=device, threads=PLAN.torch_threads)
         endpoint = SETTINGS.model_bind or ipc_endpoint(index)
         runtime = {"pid": os.getpid(), "device": device, "torch_threads": PLAN.torch_threads}
-        self.server = ModelServer(self.runner, endpoint, runtime)
+        self.server = ModelServer(self.runner, endpoint, runtime, on_load_failure=_load_failed)
         self.server.start()
 
     def __is_ready__(self) -> bool:
-        return self.runner.ready
+        return self.runner.ready and not draining()
 
     @bentoml.api
     def status(self) -> dict[str, Any]:
@@ -160,7 +181,11 @@ class VitModel:
         }
 
     @bentoml.on_shutdown
-    def _shutdown(self) -> None:
+    async def _shutdown(self) -> None:
+        # The HTTP workers drain at the same time and need this process until they are done:
+        # wait for them to hang up (at most the grace period).
+        if not await self.server.idle(STOP.grace_left()):
+            _logger.warning("stopping with HTTP workers still connected (grace period over)")
         self.server.stop()
 
 
@@ -198,22 +223,51 @@ class VitClassifier:
             device = PLAN.devices[index % len(PLAN.devices)]
             runner = ModelRunner(SETTINGS, self.metrics, device=device, threads=PLAN.torch_threads)
             self._marks = ReadyMarks(PLAN.http_workers)
-            runner.start_loading(on_ready=lambda: self._marks.mark(index))
+            self._index = index
+            runner.start_loading(on_ready=lambda: self._marks.mark(index), on_failure=_load_failed)
             backend = runner
         self.backend = backend
         self.pipeline = Pipeline(SETTINGS, self.metrics, backend, PLAN.decode_threads)
         self._server_runtime: dict[str, str] | None = None
+        self.active = 0  # classification requests admitted and not yet answered
 
     def _connect(self) -> None:
         if self._client is not None:
             self._client.start()
 
+    @bentoml.on_startup
+    async def _listen_when_warm(self) -> None:
+        """replicas: a worker restarted beside warm ones loads before it listens (uvicorn
+        listens once this hook returns), so it takes no request it would answer ``not_ready``
+        and readiness does not flap. At the server's start no one is warm: all listen at once
+        (probes must answer) and /readyz stays 503 until every replica is warm."""
+        runner = self.backend
+        if not isinstance(runner, ModelRunner) or not self._marks.others_ready(self._index):
+            return
+        _logger.info("a warm replica is serving: loading before listening")
+        while not runner.settled:
+            await asyncio.sleep(0.05)
+
     async def __is_ready__(self) -> bool:
         self._connect()
-        if not self.backend.ready:
+        if draining() or not self.backend.ready:
             return False
-        # replicas: every worker must be warm, whichever one this probe reached.
-        return self._client is not None or self._marks.all_ready()
+        # replicas: at start, every worker must be warm, whichever one this probe reached.
+        return self._client is not None or self._marks.started()
+
+    def admit(self, batch: bool) -> ApiError | None:
+        """Refuse cheaply, before the body is read: too many requests in this worker, or the
+        model's queue already full (its bound counts images, so one image is the least)."""
+        if self.active >= SETTINGS.concurrency_limit:
+            return _overloaded(
+                f"This server is at its limit of {SETTINGS.concurrency_limit} requests at "
+                "once per worker; retry shortly."
+            )
+        if self.backend.queued >= SETTINGS.max_queue_images:
+            return _overloaded(
+                f"The model's queue is full ({SETTINGS.max_queue_images} images); retry shortly."
+            )
+        return None
 
     @bentoml.on_shutdown
     async def _shutdown(self) -> None:
@@ -233,6 +287,11 @@ class VitClassifier:
         endpoint = "classify_batch" if batch else "classify"
         self.metrics.requests.labels(endpoint=endpoint, status=status).inc()
 
+    def refused(self, batch: bool, error: ApiError) -> None:
+        """A request answered with ``error`` outside the handler (admission, timeout, bug)."""
+        self.count_request(batch, error.status)
+        self.metrics.image_errors.labels(code=error.code).inc()
+
     async def _answer(self, request: Request, *, batch: bool) -> JsonResponse:
         self._connect()
         request_id = _request_id(request)
@@ -248,12 +307,21 @@ class VitClassifier:
                 await self._client.first_contact(FIRST_CONTACT_S)
             with self.backend.arriving(1):
                 info = self.backend.info
-                parsed = await read_request(
-                    request,
-                    file_field="images" if batch else "image",
-                    max_files=SETTINGS.max_images_per_request if batch else 1,
-                    max_body_bytes=SETTINGS.max_body_bytes,
-                )
+                try:
+                    async with asyncio.timeout(SETTINGS.body_timeout_s):
+                        parsed = await read_request(
+                            request,
+                            file_field="images" if batch else "image",
+                            max_files=SETTINGS.max_images_per_request if batch else 1,
+                            max_body_bytes=SETTINGS.max_body_bytes,
+                        )
+                except TimeoutError:
+                    raise ApiError(
+                        408,
+                        "body_timeout",
+                        f"The request body did not arrive within {SETTINGS.body_timeout_s:g} s.",
+                        {"Connection": "close"},
+                    ) from None
                 file_count = parsed.file_count
                 options = parse_options(
                     parsed.fields,
@@ -360,18 +428,28 @@ def hot_routes(app: Any) -> Any:
         started = time.perf_counter()
         service = _SERVING[0]
         request = Request(scope, receive)
+        refusal = service.admit(batch)
+        if refusal is not None:  # the body stays unread (uvicorn skips it; keep-alive holds)
+            response = _error(refusal, _request_id(request))
+            service.refused(batch, refusal)
+            await response(scope, receive, send)
+            return
+        service.active += 1
         try:
             async with asyncio.timeout(SETTINGS.request_timeout_s):
                 response = await service._classify(request, batch=batch)
         except TimeoutError:
             message = f"Not answered within {SETTINGS.request_timeout_s} s; retry later."
-            response = _error(ApiError(504, "timeout", message), _request_id(request))
-            service.count_request(batch, response.status_code)
+            timeout = ApiError(504, "inference_timeout", message)
+            response = _error(timeout, _request_id(request))
+            service.refused(batch, timeout)
         except Exception:
             _logger.exception("unexpected error on %s", scope["path"])
             failure = ApiError(500, "internal_error", "Unexpected server error; see the log.")
             response = _error(failure, _request_id(request))
-            service.count_request(batch, response.status_code)
+            service.refused(batch, failure)
+        finally:
+            service.active -= 1
         await response(scope, receive, send)
         if SETTINGS.access_log:
             client = scope.get("client") or ("-", 0)
@@ -393,9 +471,24 @@ def _known_paths() -> frozenset[str]:
     """Paths that get their own traffic-metric label: our routes and BentoML's pages."""
     return frozenset(app.openapi()["paths"]) | {
         "/", "/docs.json", "/schema.json", "/ui", "/ui/", "/healthz", "/livez", "/readyz",
+        "/metrics",
     }  # fmt: skip
 
 
+def _count_header_timeout() -> None:
+    if _SERVING:
+        metrics = _SERVING[0].metrics
+        metrics.requests.labels(endpoint="(headers)", status=408).inc()
+        metrics.image_errors.labels(code="header_timeout").inc()
+
+
+STOP = install(
+    delay_s=SETTINGS.drain_delay_s,
+    grace_s=SETTINGS.grace_period_s,
+    header_timeout_s=SETTINGS.header_timeout_s,
+    skip_delay=load_failure_reported,
+)
+on_header_timeout(_count_header_timeout)
 bound_traffic_labels(_known_paths)
 balance_connections()
 wrap_app(hot_routes)

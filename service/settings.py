@@ -96,7 +96,50 @@ class Settings(BaseSettings):
         False,
         description="Trace /classify routes with OpenTelemetry (BentoML's tracing config).",
     )
-    request_timeout_s: int = Field(60, ge=1, description="Per-request timeout (BentoML traffic).")
+    request_timeout_s: int = Field(
+        60, ge=1, description="Longest a request may take in all; 504 inference_timeout after."
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a client may take to send a request's headers (408, then closed).",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Longest a client may take to send a request's body (408)."
+    )
+    max_concurrency: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Requests one HTTP worker works on at once; more are refused at once with 503 "
+            "overloaded, before their body is read. 0 = twice the largest batch."
+        ),
+    )
+    drain_delay_s: float = Field(
+        5.0,
+        ge=0,
+        description=(
+            "On SIGTERM: how long /readyz answers 503 while requests are still admitted, so a "
+            "load balancer can take this server out first (SIGINT skips it)."
+        ),
+    )
+    grace_period_s: float = Field(
+        25.0,
+        gt=0,
+        description=(
+            "On SIGTERM: the most time, drain delay included, to answer accepted requests "
+            "before the processes exit; keep it under the orchestrator's (Kubernetes' "
+            "terminationGracePeriodSeconds, Docker's stop timeout)."
+        ),
+    )
+    on_load_failure: Literal["exit", "serve"] = Field(
+        "exit",
+        description=(
+            "When the model cannot load: 'exit' = log the error and exit non-zero, so a "
+            "restart policy sees it; 'serve' = stay up, /readyz 503 and every request 503 "
+            "load_failed with the error."
+        ),
+    )
     access_log: bool = Field(True, description="Log each HTTP request (BentoML's access log).")
 
     # --- batching ----------------------------------------------------------------------
@@ -132,8 +175,18 @@ class Settings(BaseSettings):
             return value
         raise ValueError(f"VIT_DEVICE must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {value!r}")
 
+    @property
+    def concurrency_limit(self) -> int:
+        """Requests one HTTP worker admits at once (``max_concurrency``, 0 = auto)."""
+        return self.max_concurrency or 2 * self.max_batch_size
+
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
+        if self.drain_delay_s >= self.grace_period_s:
+            raise ValueError(
+                f"VIT_DRAIN_DELAY_S ({self.drain_delay_s}) must be shorter than "
+                f"VIT_GRACE_PERIOD_S ({self.grace_period_s})"
+            )
         if self.max_queue_images < self.max_batch_size:
             raise ValueError(
                 f"VIT_MAX_QUEUE_IMAGES ({self.max_queue_images}) must be at least "

@@ -27,6 +27,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +38,15 @@ from .cpus import available_cpus
 from .settings import Settings
 
 __all__ = [
+    "LOAD_FAILED_EXIT",
     "SMALL_MODEL_BYTES",
     "Plan",
     "ReadyMarks",
     "claim_run_folder",
+    "load_failure_reported",
     "make_plan",
     "plan_for",
+    "report_load_failure",
     "run_folder",
     "weight_bytes",
 ]
@@ -214,8 +219,17 @@ def claim_run_folder() -> Path:
     folder = run_folder(os.getpid())
     for stale in folder.iterdir():
         stale.unlink(missing_ok=True)
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    atexit.register(_release_run_folder, folder)
     return folder
+
+
+def _release_run_folder(folder: Path) -> None:
+    failed = folder / "load-failed"
+    error = failed.read_text() if failed.exists() else None
+    shutil.rmtree(folder, ignore_errors=True)
+    if error is not None:
+        print(f"vit-serve: the model failed to load: {error}", file=sys.stderr, flush=True)
+        os._exit(LOAD_FAILED_EXIT)
 
 
 class ReadyMarks:
@@ -234,12 +248,44 @@ class ReadyMarks:
         """This process (replica ``index``) is warm."""
         self._path(index).write_text(str(os.getpid()))
 
+    def _alive(self, index: int) -> bool:
+        try:
+            pid = int(self._path(index).read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return False
+        return True
+
     def all_ready(self) -> bool:
         """Every replica has marked itself warm and is still alive."""
-        for index in range(self.replicas):
-            try:
-                pid = int(self._path(index).read_text())
-                os.kill(pid, 0)
-            except (OSError, ValueError):
-                return False
-        return True
+        return all(self._alive(index) for index in range(self.replicas))
+
+    def others_ready(self, index: int) -> bool:
+        """Some replica other than ``index`` is warm and alive (so ``index`` is a respawn)."""
+        return any(self._alive(other) for other in range(self.replicas) if other != index)
+
+    def started(self) -> bool:
+        """Every replica was warm at once at least once since the server started; from then on
+        each replica answers readiness for itself (a respawning one does not listen)."""
+        folder = self.folder or run_folder()
+        if (folder / "started").exists():
+            return True
+        if self.all_ready():
+            (folder / "started").touch()
+            return True
+        return False
+
+
+LOAD_FAILED_EXIT = 3  # `bentoml serve`'s exit status when the model cannot load
+
+
+def load_failure_reported() -> bool:
+    """Whether a worker of this server reported that the model cannot load."""
+    return (run_folder() / "load-failed").exists()
+
+
+def report_load_failure(error: str) -> None:
+    """A worker could not load the model (``VIT_ON_LOAD_FAILURE=exit``): leave the error for
+    the arbiter and ask it to stop the server; it then exits with ``LOAD_FAILED_EXIT``."""
+    (run_folder() / "load-failed").write_text(error)
+    os.kill(os.getppid(), signal.SIGTERM)

@@ -31,7 +31,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,7 +42,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from .errors import ApiError
-from .inference import ModelRunner, Outcome, Work, not_ready
+from .inference import ModelRunner, Outcome, Work, load_failed, not_ready
 from .loading import ModelInfo
 from .metrics import Metrics
 from .topology import run_folder
@@ -80,10 +80,18 @@ def _error_from(data: dict[str, Any]) -> ApiError:
 class ModelServer:
     """Serves one ``ModelRunner`` on a ROUTER socket, in a thread with its own event loop."""
 
-    def __init__(self, runner: ModelRunner, endpoint: str, runtime: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        endpoint: str,
+        runtime: dict[str, Any],
+        on_load_failure: Callable[[str], bool] | None = None,
+    ) -> None:
         self.runner = runner
         self.endpoint = endpoint
         self.runtime = runtime
+        self.on_load_failure = on_load_failure
+        self.peers = 0  # HTTP workers connected now
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -99,11 +107,25 @@ class ModelServer:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
 
+    async def idle(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until no HTTP worker is connected and nothing is in
+        flight: at a stop, the HTTP workers drain first and need this process meanwhile."""
+        deadline = time.monotonic() + timeout_s
+        while self.peers > 0 or self._tasks:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     def _main(self) -> None:
         try:
             self.runner.load()
         except Exception:
-            return  # logged by the runner; readiness stays false
+            # Logged by the runner. Serve the error to the HTTP workers unless the failure
+            # handler ends the server.
+            error = self.runner.load_error
+            if error is not None and self.on_load_failure and not self.on_load_failure(error):
+                return
         asyncio.run(self._serve())
 
     async def _serve(self) -> None:
@@ -112,15 +134,28 @@ class ModelServer:
         context = zmq.asyncio.Context()
         sock = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         sock.bind(self.endpoint)
         _logger.info("model process listening on %s", self.endpoint)
-        receiving = asyncio.ensure_future(self._receive(sock))
+        loops = [
+            asyncio.ensure_future(self._receive(sock)),
+            asyncio.ensure_future(self._count_peers(monitor)),
+        ]
         await self._stop.wait()
-        receiving.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await receiving
+        for task in loops:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.runner.aclose()
         context.destroy(linger=0)
+
+    async def _count_peers(self, monitor: zmq.asyncio.Socket) -> None:
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_ACCEPTED:
+                self.peers += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.peers = max(0, self.peers - 1)
 
     async def _receive(self, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -134,6 +169,13 @@ class ModelServer:
         identity, head, *buffers = frames
         try:
             header = orjson.loads(head.bytes)
+            if self.runner.load_error is not None:  # VIT_ON_LOAD_FAILURE=serve
+                error = load_failed(self.runner.load_error)
+                failed: dict[str, Any] = {"op": "info", "load_error": error.message}
+                if header.get("op") != "info":
+                    failed = {"id": header["id"], "error": _error_dict(error)}
+                await sock.send_multipart([identity.bytes, orjson.dumps(failed)])
+                return
             if header.get("op") == "info":
                 reply = {
                     "op": "info",
@@ -276,6 +318,8 @@ class ModelClient:
     @property
     def info(self) -> ModelInfo:
         """The model's metadata, as the model process reported it."""
+        if self.load_error is not None:
+            raise ApiError(503, "load_failed", self.load_error)
         if self._info is None or not any(link.up for link in self._links):
             raise not_ready("No model process is reachable yet; retry shortly.")
         return self._info
@@ -284,6 +328,12 @@ class ModelClient:
     def decodes_on_device(self) -> bool:
         """Whether the model processes decode JPEGs on their device."""
         return self._on_device
+
+    @property
+    def queued(self) -> int:
+        """Images this worker has sent and not had answered: a lower bound on the model
+        processes' queue (their bound counts every worker's images)."""
+        return sum(link.inflight_images for link in self._links)
 
     def arriving(self, count: int) -> contextlib.AbstractContextManager[None]:
         """No-op: batches form in the model process from whatever has arrived."""
@@ -313,6 +363,8 @@ class ModelClient:
         """Send ``works`` (with whatever else this worker sends this loop turn) and wait."""
         if not works:
             return []
+        if self.load_error is not None:
+            raise ApiError(503, "load_failed", self.load_error)
         if not any(link.up for link in self._links):
             raise not_ready("No model process is reachable; retry shortly.")
         loop = asyncio.get_running_loop()
@@ -380,6 +432,11 @@ class ModelClient:
             received = time.perf_counter()
             try:
                 header = orjson.loads(frames[0].bytes)
+                if header.get("op") == "info" and "load_error" in header:
+                    self.load_error = header["load_error"]
+                    if self._first_info is not None:
+                        self._first_info.set()
+                    continue
                 if header.get("op") == "info":
                     self._info = model_info_from_dict(header["info"])
                     self.warmup_ms = header["warmup_ms"]

@@ -49,6 +49,7 @@ from .settings import load_settings
 from .topology import (
     ReadyMarks,
     claim_run_folder,
+    keep_respawning,
     load_failure_reported,
     plan_for,
     report_load_failure,
@@ -494,3 +495,4 @@ balance_connections()
 wrap_app(hot_routes)
 if server_context.worker_index is None:  # the arbiter (or a build): the workers' shared folder
     claim_run_folder()
+    keep_respawning()

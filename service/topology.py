@@ -32,7 +32,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .cpus import available_cpus
 from .settings import Settings
@@ -43,6 +43,7 @@ __all__ = [
     "Plan",
     "ReadyMarks",
     "claim_run_folder",
+    "keep_respawning",
     "load_failure_reported",
     "make_plan",
     "plan_for",
@@ -221,6 +222,29 @@ def claim_run_folder() -> Path:
         stale.unlink(missing_ok=True)
     atexit.register(_release_run_folder, folder)
     return folder
+
+
+def keep_respawning() -> None:
+    """In the arbiter: restart a worker that dies, in a container too.
+
+    BentoML turns circus' respawn off inside containers (``BENTOML_CONTAINERIZED``), leaving the
+    restart to the orchestrator; but the orchestrator sees only the container, which stays up:
+    a dead replica would silently halve capacity and a dead model process would leave every
+    request 503 for good. Restarting the process is what it would do anyway, minus the wait.
+    """
+    import bentoml.serving
+
+    create_watcher = bentoml.serving.create_watcher
+    if getattr(create_watcher, "_vit_respawn", False):
+        return
+
+    def respawning(*args: Any, **kwargs: Any) -> Any:
+        watcher = create_watcher(*args, **kwargs)
+        watcher.respawn = True
+        return watcher
+
+    respawning._vit_respawn = True  # type: ignore[attr-defined]
+    bentoml.serving.create_watcher = respawning
 
 
 def _release_run_folder(folder: Path) -> None:

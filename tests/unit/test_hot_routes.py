@@ -22,8 +22,23 @@ class _Service:
         self.behaviour = behaviour
         self.metrics = create_metrics(8, prometheus_client.CollectorRegistry())
         self.counted: list[tuple[bool, int]] = []
+        self.codes: list[str] = []
+        self.active = 0
+        self.most_active = 0
+
+    def admit(self, batch: bool) -> Any:
+        if self.behaviour == "full":
+            return module._overloaded("full")
+        return None
+
+    def refused(self, batch: bool, error: Any) -> None:
+        self.count_request(batch, error.status)
+        self.codes.append(error.code)
 
     async def _classify(self, request: Any, *, batch: bool) -> Any:
+        self.most_active = max(self.most_active, self.active)
+        if self.behaviour == "full":
+            raise AssertionError("a refused request reached the handler")
         if self.behaviour == "slow":
             await asyncio.sleep(5)
         if self.behaviour == "broken":
@@ -74,8 +89,42 @@ def test_a_slow_request_gets_a_504_json_at_the_timeout(serving: list[Any]) -> No
     serving.append(_Service("slow"))
     response = _call(serving[0], "POST", "/classify")
     assert response.status_code == 504
-    assert response.json()["error"]["code"] == "timeout"
+    assert response.json()["error"]["code"] == "inference_timeout"
     assert serving[0].counted == [(False, 504)]
+    assert serving[0].codes == ["inference_timeout"]
+    assert serving[0].active == 0
+
+
+def test_a_refused_request_is_answered_without_reading_its_body(serving: list[Any]) -> None:
+    serving.append(_Service("full"))
+    received: list[Any] = []
+
+    async def go() -> list[Any]:
+        sent: list[Any] = []
+
+        async def receive() -> Any:
+            received.append(1)
+            return {"type": "http.request", "body": b"x", "more_body": True}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/classify", "headers": [],
+                 "query_string": b""}  # fmt: skip
+        await module.hot_routes(_inner)(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(go())
+    assert received == []  # not a byte of the body was asked for
+    assert sent[0]["status"] == 503
+    assert (b"retry-after", b"1") in sent[0]["headers"]
+    assert serving[0].codes == ["overloaded"] and serving[0].counted == [(False, 503)]
+
+
+def test_admitted_requests_are_counted_while_in_flight(serving: list[Any]) -> None:
+    serving.append(_Service("ok"))
+    _call(serving[0], "POST", "/classify")
+    assert serving[0].most_active == 1 and serving[0].active == 0
 
 
 def test_an_unexpected_error_is_a_500_json(serving: list[Any]) -> None:
@@ -85,6 +134,7 @@ def test_an_unexpected_error_is_a_500_json(serving: list[Any]) -> None:
     assert response.json()["error"]["code"] == "internal_error"
     assert response.headers["x-request-id"]
     assert serving[0].counted == [(True, 500)]
+    assert serving[0].active == 0
 
 
 def test_with_tracing_on_nothing_is_bypassed(monkeypatch: pytest.MonkeyPatch) -> None:

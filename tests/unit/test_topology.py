@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 from service.settings import Settings
-from service.topology import SMALL_MODEL_BYTES, Plan, ReadyMarks, make_plan, weight_bytes
+from service.topology import (
+    SMALL_MODEL_BYTES,
+    Plan,
+    ReadyMarks,
+    keep_respawning,
+    make_plan,
+    weight_bytes,
+)
 from tests.conftest import DEFAULT_MODEL_DIR
 
 SMALL = 1_000_000
@@ -87,7 +94,33 @@ def test_replicas_are_ready_only_when_every_one_is_warm_and_alive(tmp_path: Path
     assert not marks.all_ready()  # replica 1 died: being restarted
 
 
+def test_a_restarted_replica_sees_warm_ones_and_readiness_holds_after_start(
+    tmp_path: Path,
+) -> None:
+    marks = ReadyMarks(2, tmp_path)
+    assert not marks.others_ready(1) and not marks.started()  # the server's start: no one warm
+    marks.mark(0)
+    assert marks.others_ready(1) and not marks.others_ready(0)
+    assert not marks.started()  # /readyz waits for every replica at start
+    marks.mark(1)
+    assert marks.started()
+    (tmp_path / "replica-1.ready").write_text(str(_exited_pid()))
+    assert marks.others_ready(1)  # so the restarted replica 1 loads before it listens
+    assert marks.started()  # and replica 0 stays ready meanwhile: no flapping
+
+
 def _exited_pid() -> int:
     process = subprocess.Popen(["true"])
     process.wait()
     return process.pid
+
+
+def test_workers_are_restarted_inside_containers_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bentoml.serving
+
+    monkeypatch.setenv("BENTOML_CONTAINERIZED", "true")
+    monkeypatch.setattr(bentoml.serving, "create_watcher", bentoml.serving.create_watcher)
+    assert bentoml.serving.create_watcher("w", ["x"]).respawn is False  # BentoML's choice
+    keep_respawning()
+    keep_respawning()  # idempotent
+    assert bentoml.serving.create_watcher("w", ["x"]).respawn is True

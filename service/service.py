@@ -117,9 +117,9 @@ def _error(exc: ApiError, request_id: str) -> JsonResponse:
 def _load_failed(error: str) -> bool:
     """A model could not load: end the server (``VIT_ON_LOAD_FAILURE=exit``, after the runner
     logged the error) or keep serving the error. Returns whether to keep serving."""
-    if SETTINGS.on_load_failure == "exit":
+    if SETTINGS.on_load_failure == "exit" and server_context.worker_index is not None:
         _logger.error("stopping the server (VIT_ON_LOAD_FAILURE=exit): %s", error)
-        report_load_failure(error)
+        report_load_failure(error)  # signals the arbiter: only ever from one of its workers
         return False
     return True
 
@@ -374,13 +374,13 @@ class VitClassifier:
         return await self._classify(request, batch=True)
 
     @app.get("/model", response_model=ModelResponse, responses=_ERRORS)
-    async def model(self) -> JsonResponse:
+    async def model(self, request: Request) -> JsonResponse:
         self._connect()
         backend = self.backend
         try:
             info = backend.info
         except ApiError as exc:
-            return _error(exc, os.urandom(16).hex())
+            return _error(exc, _request_id(request))
         if self._server_runtime is None:
             self._server_runtime = _server_runtime()
         runtime: dict[str, Any] = {
@@ -417,14 +417,19 @@ def hot_routes(app: Any) -> Any:
     unexpected error, the access log line when enabled, and per-request metrics
     (``vit_requests_total{endpoint,status}`` and ``vit_request_duration_seconds``). With
     ``VIT_TRACING=true`` nothing is bypassed, so the routes are traced.
+
+    Every other request's 404 or 405 (Starlette's plain text or ``{"detail": ...}``) is
+    answered in our error shape too.
     """
-    if SETTINGS.tracing:
-        return app
+    bypass = not SETTINGS.tracing
 
     async def serve(scope: Any, receive: Any, send: Any) -> None:
-        batch = _HOT_ROUTES.get(scope["path"]) if scope["type"] == "http" else None
-        if batch is None or scope["method"] != "POST" or not _SERVING:
+        if scope["type"] != "http":
             await app(scope, receive, send)
+            return
+        batch = _HOT_ROUTES.get(scope["path"])
+        if batch is None or scope["method"] != "POST" or not _SERVING or not bypass:
+            await app(scope, receive, _in_our_shape(scope, send))
             return
         started = time.perf_counter()
         service = _SERVING[0]
@@ -465,6 +470,38 @@ def hot_routes(app: Any) -> Any:
             )
 
     return serve
+
+
+def _in_our_shape(scope: Any, send: Any) -> Any:
+    """``send``, with a 404 or 405 from the routing replaced by our JSON error."""
+    replaced: dict[str, Any] = {}
+
+    async def shaped(message: Any) -> None:
+        if message["type"] == "http.response.start" and message["status"] in (404, 405):
+            replaced["status"] = message["status"]
+            replaced["allow"] = dict(message.get("headers", [])).get(b"allow", b"").decode()
+            return
+        if not replaced:
+            await send(message)
+            return
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            where, allow = f"{scope['method']} {scope['path']}", replaced["allow"]
+            if replaced["status"] == 404:
+                error = ApiError(404, "not_found", f"Nothing at {where}; the API is at /docs.json.")
+            else:
+                error = ApiError(
+                    405,
+                    "method_not_allowed",
+                    f"{where} is not allowed" + (f"; use {allow}." if allow else "."),
+                    {"Allow": allow} if allow else {},
+                )
+            await _error(error, _request_id(Request(scope)))({"type": "http"}, _no_receive, send)
+
+    return shaped
+
+
+async def _no_receive() -> Any:
+    return {"type": "http.disconnect"}
 
 
 @functools.cache

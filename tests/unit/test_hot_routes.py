@@ -137,6 +137,38 @@ def test_an_unexpected_error_is_a_500_json(serving: list[Any]) -> None:
     assert serving[0].active == 0
 
 
-def test_with_tracing_on_nothing_is_bypassed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_with_tracing_on_nothing_is_bypassed(
+    serving: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(module, "SETTINGS", Settings(tracing=True))
-    assert module.hot_routes(_inner) is _inner
+    serving.append(_Service("ok"))
+    assert _call(serving[0], "POST", "/classify").json() == {"inner": "/classify"}
+
+
+async def _routing_error(scope: Any, receive: Any, send: Any) -> None:
+    from starlette.responses import PlainTextResponse
+
+    status = 405 if scope["path"] == "/classify" else 404
+    headers = {"Allow": "POST"} if status == 405 else {}
+    await PlainTextResponse("Nope", status_code=status, headers=headers)(scope, receive, send)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [("GET", "/nowhere", 404, "not_found"), ("GET", "/classify", 405, "method_not_allowed")],
+)
+def test_routing_errors_are_answered_in_our_shape(
+    method: str, path: str, status: int, code: str
+) -> None:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=module.hot_routes(_routing_error))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.request(method, path, headers={"X-Request-ID": "r-1"})
+
+    response = asyncio.run(go())
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert path in response.json()["error"]["message"]
+    assert response.headers["x-request-id"] == "r-1"
+    if status == 405:
+        assert response.headers["allow"] == "POST"

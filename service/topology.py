@@ -244,6 +244,7 @@ def keep_respawning() -> None:
         return watcher
 
     respawning._vit_respawn = True  # type: ignore[attr-defined]
+    respawning.__wrapped__ = create_watcher  # type: ignore[attr-defined]
     bentoml.serving.create_watcher = respawning
 
 

@@ -119,7 +119,8 @@ def test_workers_are_restarted_inside_containers_too(monkeypatch: pytest.MonkeyP
     import bentoml.serving
 
     monkeypatch.setenv("BENTOML_CONTAINERIZED", "true")
-    monkeypatch.setattr(bentoml.serving, "create_watcher", bentoml.serving.create_watcher)
+    current = bentoml.serving.create_watcher  # patched already if the service was imported
+    monkeypatch.setattr(bentoml.serving, "create_watcher", getattr(current, "__wrapped__", current))
     assert bentoml.serving.create_watcher("w", ["x"]).respawn is False  # BentoML's choice
     keep_respawning()
     keep_respawning()  # idempotent

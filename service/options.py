@@ -45,10 +45,9 @@ def parse_options(
     if raw_k is None or raw_k == "":
         k = min(default_top_k, num_classes)
     else:
-        try:
-            k = int(raw_k)
-        except ValueError:
-            k = 0
+        # Plain ASCII digits only: int() would also take '0_7', '+3' or Arabic-Indic digits.
+        digits = raw_k.strip()
+        k = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 6 else 0
         if not 1 <= k <= num_classes:
             raise ApiError(
                 422,

@@ -219,6 +219,8 @@ OPTION_ERRORS = [
     ({"top_k": "-1"}, "invalid_top_k", "top_k must be an integer from 1 to 7, not '-1'"),
     ({"top_k": "five"}, "invalid_top_k", "top_k must be an integer from 1 to 7, not 'five'"),
     ({"top_k": "2.0"}, "invalid_top_k", "top_k must be an integer from 1 to 7, not '2.0'"),
+    ({"top_k": "0_7"}, "invalid_top_k", "top_k must be an integer from 1 to 7, not '0_7'"),
+    ({"top_k": "+3"}, "invalid_top_k", "top_k must be an integer from 1 to 7, not '+3'"),
     ({"attention": "all"}, "invalid_attention", "attention must be one of none, cls, rollout, not 'all'"),
     ({"attention": "CLS"}, "invalid_attention", "attention must be one of none, cls, rollout, not 'CLS'"),
     ({"heatmap": "maybe"}, "invalid_heatmap", "heatmap must be true or false, not 'maybe'"),

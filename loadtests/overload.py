@@ -1,0 +1,140 @@
+"""Overload drill: goodput at 2x and 5x capacity, open loop, beside the hand-written peer.
+
+``python -m loadtests.overload`` (``make overload``) starts each server in turn on loopback with
+its defaults, measures its capacity (good answers per second with 16 keep-alive clients), then
+offers 2x and 5x that rate open loop (arrivals on a schedule, whatever the server answers; an
+arrival with no idle connection gets a new one) and counts what comes back. A server that
+refuses cheaply keeps its goodput near capacity; one that reads and decodes every request
+before refusing it, or queues without bound, does not (or answers too late to matter). The
+issue's own drill, 400 closed-loop clients, runs too.
+
+The generator shares the 2 cores with the server: its own CPU share is reported beside each
+figure, and ratios are taken within one run. Results: ``results/overload.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from loadtests.openloop import Request, Result, run_closed_loop, run_loop, run_open_loop
+from loadtests.samples import multipart, photo
+from loadtests.serving import REPO, Server, serve, serve_peer
+
+__all__ = ["main"]
+
+DEFAULT_MODEL = f"local-dir:{REPO / 'models' / 'vit-digits'}"
+
+
+def _request(width: int, height: int) -> Request:
+    body, content_type = multipart({}, [("image", "photo.jpg", photo(width, height))])
+    return Request("classify", "POST", "/classify", body, (("Content-Type", content_type),))
+
+
+@contextlib.contextmanager
+def _server(which: str, work: Path) -> Iterator[Server]:
+    if which == "peer":
+        with serve_peer(work, model=DEFAULT_MODEL, workers=2) as running:
+            yield running
+    else:
+        with serve({"VIT_ACCESS_LOG": "false"}, work) as running:
+            yield running
+
+
+def _figures(result: Result, capacity: float | None) -> dict[str, Any]:
+    summary = result.summary()
+    answered = {
+        f"{status} {code}".rstrip(): n for (_, status, code), n in sorted(result.answered.items())
+    }
+    figures = {
+        "goodput": round(result.goodput(), 1),
+        "offered_per_s": round(result.offered / result.duration_s, 1),
+        "answered": answered,
+        "resets": summary["totals"]["resets"],
+        "timeouts": summary["totals"]["timeouts"],
+        "dropped": summary["totals"]["dropped"],
+        "connect_errors": summary["totals"]["connect_errors"],
+        "latency_ms": summary["kinds"]["classify"]["latency_ms"],
+        "generator_cpu_share": summary["generator"]["cpu_share"],
+        "dispatch_rate": summary["generator"]["dispatch_rate"],
+    }
+    if capacity:
+        figures["goodput_over_capacity"] = round(result.goodput() / capacity, 3)
+    return figures
+
+
+def drill(which: str, work: Path, seconds: float, request: Request) -> dict[str, Any]:
+    """Capacity, then 2x and 5x open loop, then 400 closed-loop clients, on one server."""
+    out: dict[str, Any] = {}
+    with _server(which, work) as running:
+        run_loop(run_closed_loop(running.url, [request], clients=16, duration_s=3))  # warm-up
+        base = run_loop(run_closed_loop(running.url, [request], clients=16, duration_s=seconds))
+        capacity = base.goodput()
+        out["capacity"] = _figures(base, None)
+        for factor in (2, 5):
+            result = run_loop(
+                run_open_loop(
+                    running.url,
+                    [request],
+                    rate=factor * capacity,
+                    duration_s=seconds,
+                    max_connections=1024,
+                    timeout_s=30,
+                )
+            )
+            out[f"{factor}x"] = _figures(result, capacity)
+            print(f"[{which}] {factor}x: {json.dumps(out[f'{factor}x'])}", flush=True)
+        crowd = run_loop(
+            run_closed_loop(running.url, [request], clients=400, duration_s=seconds, timeout_s=30)
+        )
+        out["400_clients"] = _figures(crowd, capacity)
+    print(f"[{which}] capacity {capacity:.1f}/s; 400 clients: {json.dumps(out['400_clients'])}")
+    return out
+
+
+def _markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [
+        f"# Overload drill ({args.width}x{args.height} JPEG per request, {args.seconds:g} s "
+        "per phase)",
+        "",
+        "| server | capacity/s | 2x: goodput (share) | 2x p99 ms | 5x: goodput (share) | "
+        "5x p99 ms | 400 clients: goodput (share) | p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for which, out in results.items():
+        cells = [which, f"{out['capacity']['goodput']:.0f}"]
+        for phase in ("2x", "5x", "400_clients"):
+            figures = out[phase]
+            cells.append(f"{figures['goodput']:.0f} ({figures['goodput_over_capacity']:.2f})")
+            cells.append(f"{figures['latency_ms'].get('p99', float('nan')):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--servers", default="vit-serve,peer")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "overload")
+    args = parser.parse_args(argv)
+    request = _request(args.width, args.height)
+    work = args.out.parent / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    results = {
+        which: drill(which, work, args.seconds, request) for which in args.servers.split(",")
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    table = _markdown(results, args)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,10 +13,13 @@ DURATION ?= 60
 MAX_P95_MS ?= 5000
 SHAPE ?= steady
 URL ?=
+FUZZ_SECONDS ?= 600
+FUZZ_API_CASES ?= 20000
+MINUTES ?= 10
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve test test-unit test-integration test-e2e lint format train \
-        import-model bench loadtest container-test clean evaluate depth-study
+.PHONY: help install serve test test-unit test-http test-integration test-e2e fuzz lint format train \
+        import-model bench overload loadtest soak container-test clean evaluate depth-study
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -39,11 +42,18 @@ test: $(STAMP) lint ## Lint, then run the whole suite (unit, http, integration, 
 test-unit: $(STAMP) ## Unit tests only
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+test-http: $(STAMP) ## The ASGI app in-process with a tiny model (seconds)
+	$(PY) -m pytest tests/http $(PYTEST_ARGS)
+
 test-e2e: $(STAMP) ## The web page in headless Chromium
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 test-integration: $(STAMP) ## Tests against a real bentoml serve, Prometheus, locust
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+fuzz: $(STAMP) ## Long fuzzing, not in make test: decoder + multipart reader for FUZZ_SECONDS (600), the API for FUZZ_API_CASES (20000)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m pytest -s tests/unit/test_decoder_fuzz.py $(PYTEST_ARGS)
+	FUZZ_API_CASES=$(FUZZ_API_CASES) $(PY) -m pytest -s tests/integration/test_fuzz_api.py $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint + format check, mypy on service/
 	$(VENV)/bin/ruff check .
@@ -73,8 +83,14 @@ loadtest: $(STAMP) ## Headless locust run (USERS, DURATION s, MAX_P95_MS, SHAPE=
 bench: $(STAMP) ## Offline vs served, and ours vs a hand-written peer -> results/bench-cpu.{json,md} (needs wrk)
 	$(PY) -m loadtests.bench cpu
 
+overload: $(STAMP) ## Goodput at 2x and 5x capacity, open loop, beside the peer -> results/overload.{json,md}
+	$(PY) -m loadtests.overload
+
+soak: $(STAMP) ## Open-loop soak of a fresh local service at 80% of capacity for MINUTES (10), not in make test -> results/soak.json
+	$(PY) -m loadtests.soak --minutes $(MINUTES)
+
 container-test: $(STAMP) ## Build the image with podman (no registry), run it, classify, scrape, stop -> results/container-test.json
 	$(PY) -m loadtests.container_check
 
 clean: ## Remove caches and results (keeps .venv)
-	rm -rf .pytest_cache .mypy_cache .ruff_cache results
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis results

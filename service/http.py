@@ -62,7 +62,13 @@ async def read_request(
             neither, 400 for malformed multipart or no file under ``file_field``.
     """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+    # isascii: str.isdigit also accepts digits int() refuses, such as the Latin-1 '²'.
+    if (
+        declared is not None
+        and declared.isascii()
+        and declared.isdigit()
+        and int(declared) > max_body_bytes
+    ):
         raise _too_large(max_body_bytes)
     fields = {k: v for k, v in request.query_params.items()}
     content_type = request.headers.get("content-type", "")
@@ -92,6 +98,14 @@ async def read_request(
             ) from exc
         raise ApiError(
             400, "malformed_multipart", f"Malformed multipart body: {exc.message}"
+        ) from exc
+    except UnicodeError as exc:
+        # Starlette decodes part names and fields with the declared charset and falls back to
+        # Latin-1 only on UnicodeDecodeError; codecs such as punycode raise plain UnicodeError.
+        raise ApiError(
+            400,
+            "malformed_multipart",
+            f"Malformed multipart body: its parts cannot be decoded in its charset ({exc}).",
         ) from exc
     except ClientDisconnect as exc:
         raise ApiError(400, "client_disconnected", "The client went away mid-upload.") from exc

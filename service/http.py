@@ -48,6 +48,36 @@ async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
         yield chunk
 
 
+class _Closing:
+    """Watches a multipart stream for its close delimiter (``--boundary--``).
+
+    Starlette's parser silently drops a part the body ends in the middle of, so a body cut
+    before its close delimiter would otherwise read as "no image" instead of as broken.
+    """
+
+    def __init__(self, content_type: str) -> None:
+        boundary = ""
+        for param in content_type.split(";")[1:]:
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "boundary":
+                boundary = value.strip().strip('"')
+        self.delimiter = b"--" + boundary.encode("latin-1", "replace") + b"--"
+        self.seen = not boundary  # no boundary: the parser reports that itself
+        self._tail = b""
+
+    async def watch(self, chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+        async for chunk in chunks:
+            if not self.seen:
+                window = self._tail + chunk
+                self.seen = self.delimiter in window
+                self._tail = window[-len(self.delimiter) :]
+            yield chunk
+
+
+def _images_word(count: int) -> str:
+    return f"{count} image" + ("" if count == 1 else "s")
+
+
 async def read_request(
     request: Request,
     *,
@@ -82,19 +112,28 @@ async def read_request(
                 415,
                 "unsupported_media_type",
                 f"Send multipart/form-data with the image in field '{file_field}' "
-                f"(or a raw image/* body), not {media_type or 'no content type'}.",
+                f"(or a raw image/* body), not {media_type or 'a body without a Content-Type'}.",
             )
+        closing = _Closing(content_type)
         parser = MultiPartParser(
             request.headers,
-            _limited(request, max_body_bytes),
+            closing.watch(_limited(request, max_body_bytes)),
             max_files=max_files + 1,
             max_fields=64,
         )
         form = await parser.parse()
+        if not closing.seen:
+            await form.close()
+            raise ApiError(
+                400,
+                "malformed_multipart",
+                "Malformed multipart body: it ends before its closing boundary "
+                "(the upload was cut short).",
+            )
     except MultiPartException as exc:
         if "Too many files" in exc.message:
             raise ApiError(
-                413, "too_many_images", f"At most {max_files} images per request."
+                413, "too_many_images", f"At most {_images_word(max_files)} per request."
             ) from exc
         raise ApiError(
             400, "malformed_multipart", f"Malformed multipart body: {exc.message}"
@@ -121,7 +160,7 @@ async def read_request(
     finally:
         await form.close()
     if len(uploads) > max_files:
-        raise ApiError(413, "too_many_images", f"At most {max_files} images per request.")
+        raise ApiError(413, "too_many_images", f"At most {_images_word(max_files)} per request.")
     if not uploads:
         raise ApiError(
             400,

@@ -16,6 +16,7 @@ __all__ = [
     "ErrorBody",
     "ErrorResponse",
     "ModelResponse",
+    "classify_request",
 ]
 
 
@@ -137,3 +138,39 @@ class ModelResponse(BaseModel):
     )
     ready: bool
     warmup_ms: float
+
+
+def classify_request(file_field: str, max_images: int) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` and ``parameters`` of a classification route (the handlers
+    read the raw request, so FastAPI cannot infer them): the upload as multipart field
+    ``file_field`` (or a raw image body), and the options, which are also accepted as form
+    fields. An empty option means its default, as HTML forms send empty fields."""
+    binary = {"type": "string", "format": "binary"}
+    upload: dict[str, Any] = binary
+    if file_field == "images":
+        upload = {"type": "array", "items": binary, "minItems": 1, "maxItems": max_images}
+    empty = {"type": "string", "maxLength": 0}
+    spellings = ["true", "false", "1", "0", "yes", "no", "on", "off", "True", "False"]
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": [file_field],
+                        "properties": {file_field: upload},
+                    }
+                },
+                "application/octet-stream": {"schema": binary},
+            },
+        },
+        "parameters": [
+            {"name": "top_k", "in": "query", "description": "Classes to return (1..classes).",
+             "schema": {"anyOf": [{"type": "integer", "minimum": 1}, empty]}},
+            {"name": "attention", "in": "query", "description": "Attention map to return.",
+             "schema": {"type": "string", "enum": ["none", "cls", "rollout", ""]}},
+            {"name": "heatmap", "in": "query", "description": "Add a base64 PNG heatmap.",
+             "schema": {"type": "string", "enum": [*spellings, ""]}},
+        ],
+    }  # fmt: skip

@@ -44,7 +44,13 @@ from .listen import balance_connections, running_config, wrap_app
 from .metrics import Metrics, bound_traffic_labels, create_metrics
 from .options import parse_options
 from .pipeline import Backend, Pipeline
-from .schemas import BatchItem, ClassifyResponse, ErrorResponse, ModelResponse
+from .schemas import (
+    BatchItem,
+    ClassifyResponse,
+    ErrorResponse,
+    ModelResponse,
+    classify_request,
+)
 from .settings import load_settings
 from .topology import (
     ReadyMarks,
@@ -90,8 +96,9 @@ async def ui_root() -> RedirectResponse:
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 503)
+    status: {"model": ErrorResponse} for status in (400, 405, 408, 413, 415, 422, 503, 504)
 }
+_MODEL_ERRORS: dict[int | str, dict[str, Any]] = {503: {"model": ErrorResponse}}
 
 
 class JsonResponse(Response):
@@ -360,6 +367,7 @@ class VitClassifier:
         response_model=ClassifyResponse,
         responses=_ERRORS,
         summary="Classify one image (multipart field 'image'; optional top_k, attention, heatmap).",
+        openapi_extra=classify_request("image", 1),
     )
     async def classify(self, request: Request) -> JsonResponse:
         return await self._classify(request, batch=False)
@@ -369,11 +377,12 @@ class VitClassifier:
         response_model=list[BatchItem],
         responses=_ERRORS,
         summary="Classify several images (field 'images' repeated); one slot per image, in order.",
+        openapi_extra=classify_request("images", SETTINGS.max_images_per_request),
     )
     async def classify_batch(self, request: Request) -> JsonResponse:
         return await self._classify(request, batch=True)
 
-    @app.get("/model", response_model=ModelResponse, responses=_ERRORS)
+    @app.get("/model", response_model=ModelResponse, responses=_MODEL_ERRORS)
     async def model(self, request: Request) -> JsonResponse:
         self._connect()
         backend = self.backend

@@ -45,7 +45,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["Drain", "draining", "install", "on_header_timeout"]
+__all__ = ["Drain", "draining", "install", "on_header_timeout", "set_gate"]
 
 _logger = logging.getLogger(__name__)
 
@@ -95,6 +95,29 @@ class Drain:
 
 _DRAIN = Drain()
 _header_timeouts: list[Callable[[], None]] = []
+Gate = Callable[[bytes, bytes, list[tuple[bytes, bytes]]], bytes | None]
+_gate: list[Gate] = []
+
+
+def set_gate(gate: Gate) -> None:
+    """Have ``gate(method, url, headers)`` see each request as soon as its headers are parsed;
+    when it returns the bytes of a whole answer (status line to body), that is sent at once and
+    the app never runs: the request's body is skipped and the connection kept. The cheapest
+    way to refuse, for admission control (no ASGI task, request object or response object)."""
+    _gate[:] = [gate]
+
+
+class _Answered:
+    """Stands in for uvicorn's request/response cycle of a request the gate answered."""
+
+    response_complete = True
+    disconnected = False
+    more_body = False
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+        self.body = bytearray()
+        self.message_event = asyncio.Event()
 
 
 def draining() -> bool:
@@ -265,9 +288,33 @@ def _patch_protocol(protocol_cls: Any) -> None:
 
     def headers_complete(self: Any) -> None:
         disarm(self)
+        if _gate and idle(self) and gated(self):
+            return
         on_headers_complete(self)
         if _DRAIN.started is not None and self.cycle is not None:
             self.cycle.keep_alive = False  # uvicorn then answers with Connection: close
+
+    def gated(self: Any) -> bool:
+        if self.parser.should_upgrade():
+            return False
+        answer = _gate[0](self.parser.get_method(), self.url, self.headers)
+        if answer is None:
+            return False
+        keep_alive = (
+            self.parser.get_http_version() == "1.1"
+            and self.parser.should_keep_alive()
+            and _DRAIN.started is None
+        )
+        self.cycle = _Answered(keep_alive)
+        if keep_alive:
+            self.transport.write(answer)
+        else:  # mark the answer as the connection's last
+            head, _, body = answer.partition(b"\r\n\r\n")
+            self.transport.write(head + b"\r\nconnection: close\r\n\r\n" + body)
+        self.on_response_complete()
+        if not keep_alive:
+            self.loop.call_later(LINGER_S, close_if_idle, self)  # let the body arrive first
+        return True
 
     def shutdown(self: Any) -> None:
         if not idle(self):

@@ -36,7 +36,7 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from .answers import describe_model
-from .drain import draining, install, on_header_timeout
+from .drain import draining, install, on_header_timeout, set_gate
 from .errors import ApiError
 from .http import read_request
 from .inference import ModelRunner, settle_heap
@@ -481,6 +481,36 @@ def hot_routes(app: Any) -> Any:
     return serve
 
 
+_GATED_PATHS = {path.encode(): batch for path, batch in _HOT_ROUTES.items()}
+
+
+def _refuse_early(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The drain module's gate: a classification request this worker cannot admit is answered
+    503 ``overloaded`` right after its headers, before uvicorn even starts the app (about half
+    the CPU of a refusal from the hot route, which stays for anything that gets past here).
+    Refusals are counted, not access-logged: under overload a line each would be a log storm."""
+    if method != b"POST" or not _SERVING or SETTINGS.tracing:
+        return None
+    batch = _GATED_PATHS.get(url.partition(b"?")[0])
+    if batch is None:
+        return None
+    service = _SERVING[0]
+    refusal = service.admit(batch)
+    if refusal is None:
+        return None
+    service.refused(batch, refusal)
+    given = next((value for name, value in headers if name == b"x-request-id"), b"")
+    request_id = given.decode("latin-1")
+    if not _REQUEST_ID.match(request_id):
+        request_id = os.urandom(16).hex()
+    body = orjson.dumps(refusal.body())
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nretry-after: %s\r\nx-request-id: %s\r\n\r\n%s"
+        % (len(body), refusal.headers["Retry-After"].encode(), request_id.encode(), body)
+    )
+
+
 def _in_our_shape(scope: Any, send: Any) -> Any:
     """``send``, with a 404 or 405 from the routing replaced by our JSON error."""
     replaced: dict[str, Any] = {}
@@ -536,6 +566,7 @@ STOP = install(
     skip_delay=load_failure_reported,
 )
 on_header_timeout(_count_header_timeout)
+set_gate(_refuse_early)
 bound_traffic_labels(_known_paths)
 balance_connections()
 wrap_app(hot_routes)

@@ -112,7 +112,7 @@ class Settings(BaseSettings):
         ge=0,
         description=(
             "Requests one HTTP worker works on at once; more are refused at once with 503 "
-            "overloaded, before their body is read. 0 = twice the largest batch."
+            "overloaded, before their body is read. 0 = four times the largest batch."
         ),
     )
     drain_delay_s: float = Field(
@@ -178,7 +178,7 @@ class Settings(BaseSettings):
     @property
     def concurrency_limit(self) -> int:
         """Requests one HTTP worker admits at once (``max_concurrency``, 0 = auto)."""
-        return self.max_concurrency or 2 * self.max_batch_size
+        return self.max_concurrency or 4 * self.max_batch_size
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:

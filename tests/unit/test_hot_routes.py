@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import httpx
+import orjson
 import prometheus_client
 import pytest
 
@@ -172,3 +173,20 @@ def test_routing_errors_are_answered_in_our_shape(
     assert response.headers["x-request-id"] == "r-1"
     if status == 405:
         assert response.headers["allow"] == "POST"
+
+
+def test_the_early_gate_refuses_at_the_headers_in_our_shape(serving: list[Any]) -> None:
+    serving.append(_Service("full"))
+    answer = module._refuse_early(b"POST", b"/classify_batch?top_k=2", [(b"x-request-id", b"r-9")])
+    assert answer is not None
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ")
+    assert b"retry-after: 1" in head and b"x-request-id: r-9" in head
+    assert f"content-length: {len(body)}".encode() in head
+    assert orjson.loads(body)["error"]["code"] == "overloaded"
+    assert serving[0].counted == [(True, 503)] and serving[0].codes == ["overloaded"]
+    # Anything else goes on to the app: other methods and paths, or a request it can admit.
+    assert module._refuse_early(b"GET", b"/classify", []) is None
+    assert module._refuse_early(b"POST", b"/model", []) is None
+    serving[0] = _Service("ok")
+    assert module._refuse_early(b"POST", b"/classify", []) is None

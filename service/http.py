@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
@@ -56,12 +57,10 @@ class _Closing:
     """
 
     def __init__(self, content_type: str) -> None:
-        boundary = ""
-        for param in content_type.split(";")[1:]:
-            key, _, value = param.strip().partition("=")
-            if key.strip().lower() == "boundary":
-                boundary = value.strip().strip('"')
-        self.delimiter = b"--" + boundary.encode("latin-1", "replace") + b"--"
+        # The header parser Starlette's own multipart parser uses.
+        _, params = parse_options_header(content_type)
+        boundary = params.get(b"boundary", b"")
+        self.delimiter = b"--" + boundary + b"--"
         self.seen = not boundary  # no boundary: the parser reports that itself
         self._tail = b""
 

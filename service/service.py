@@ -111,7 +111,11 @@ class JsonResponse(Response):
 
 
 def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
+    return _valid_request_id(request.headers.get("x-request-id", ""))
+
+
+def _valid_request_id(given: str) -> str:
+    """The client's X-Request-ID when it is a safe token, else a fresh one."""
     return given if _REQUEST_ID.match(given) else os.urandom(16).hex()
 
 
@@ -263,7 +267,7 @@ class VitClassifier:
         # replicas: at start, every worker must be warm, whichever one this probe reached.
         return self._client is not None or self._marks.started()
 
-    def admit(self, batch: bool) -> ApiError | None:
+    def admit(self) -> ApiError | None:
         """Refuse cheaply, before the body is read: too many requests in this worker, or the
         model's queue already full (its bound counts images, so one image is the least)."""
         if self.active >= SETTINGS.concurrency_limit:
@@ -443,7 +447,7 @@ def hot_routes(app: Any) -> Any:
         started = time.perf_counter()
         service = _SERVING[0]
         request = Request(scope, receive)
-        refusal = service.admit(batch)
+        refusal = service.admit()
         if refusal is not None:  # the body stays unread (uvicorn skips it; keep-alive holds)
             response = _error(refusal, _request_id(request))
             service.refused(batch, refusal)
@@ -495,14 +499,12 @@ def _refuse_early(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]])
     if batch is None:
         return None
     service = _SERVING[0]
-    refusal = service.admit(batch)
+    refusal = service.admit()
     if refusal is None:
         return None
     service.refused(batch, refusal)
     given = next((value for name, value in headers if name == b"x-request-id"), b"")
-    request_id = given.decode("latin-1")
-    if not _REQUEST_ID.match(request_id):
-        request_id = os.urandom(16).hex()
+    request_id = _valid_request_id(given.decode("latin-1"))
     body = orjson.dumps(refusal.body())
     return (
         b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"

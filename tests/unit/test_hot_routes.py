@@ -27,7 +27,7 @@ class _Service:
         self.active = 0
         self.most_active = 0
 
-    def admit(self, batch: bool) -> Any:
+    def admit(self) -> Any:
         if self.behaviour == "full":
             return module._overloaded("full")
         return None

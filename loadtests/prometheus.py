@@ -83,26 +83,31 @@ class Prometheus:
 
 @contextlib.contextmanager
 def run_prometheus(
-    target: str,
+    target: str | Sequence[str],
     folder: Path,
     *,
     job: str = JOB,
     interval_s: float = 1.0,
     rule_files: Sequence[Path] = (RULES,),
     ready_timeout_s: float = 60.0,
+    labels: dict[str, str] | None = None,
 ) -> Iterator[Prometheus]:
-    """Run ``prometheus`` on a free loopback port scraping ``target`` (host:port) every
-    ``interval_s``, with its TSDB in ``folder``; stop it at the end and check it stopped cleanly.
+    """Run ``prometheus`` on a free loopback port scraping ``target`` (host:port, or several)
+    every ``interval_s``, each series labelled with ``labels`` too (as a ServiceMonitor adds
+    ``service``), with its TSDB in ``folder``; stop it at the end and check it stopped cleanly.
     """
     exe = shutil.which("prometheus")
     if exe is None:
         raise RuntimeError("prometheus is not installed: apt-get install -y prometheus")
     port = free_port()
     every = f"{interval_s:g}s"
+    static: dict[str, Any] = {"targets": [target] if isinstance(target, str) else list(target)}
+    if labels:
+        static["labels"] = labels
     config = {
         "global": {"scrape_interval": every, "scrape_timeout": every, "evaluation_interval": every},
         "rule_files": [str(path) for path in rule_files],
-        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]}],
+        "scrape_configs": [{"job_name": job, "static_configs": [static]}],
     }
     config_path = folder / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))

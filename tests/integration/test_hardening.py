@@ -40,9 +40,9 @@ class Tally:
     events: list[tuple[float, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, kind: str) -> None:
+    def add(self, kind: str, at: float | None = None) -> None:
         with self.lock:
-            self.events.append((time.monotonic(), kind))
+            self.events.append((time.monotonic() if at is None else at, kind))
 
     def counts(self, since: float = 0.0, until: float = float("inf")) -> Counter[str]:
         with self.lock:
@@ -101,12 +101,15 @@ def _clients(url: str, count: int) -> Iterator[Tally]:
 
 
 def _probe(url: str, tally: Tally, stop: threading.Event, path: str = "/readyz") -> None:
+    """A fresh connection every 50 ms, as a kubelet probes; an answer is timed at its arrival,
+    a probe that got none ("down") at its start (the moment its connection was made)."""
     while not stop.is_set():
+        started = time.monotonic()
         try:
             status = httpx.get(f"{url}{path}", timeout=2).status_code
             tally.add(str(status))
         except httpx.TransportError:
-            tally.add("down")
+            tally.add("down", at=started)
         time.sleep(0.05)
 
 
@@ -199,14 +202,24 @@ def test_a_killed_replica_restarts_without_not_ready_or_flapping(tmp_path: Path)
 
     counts = tally.counts()
     flaps = [kind for at, kind in ready.events if at >= killed and kind != "200"]
+    # A probe whose connection the killed worker had accepted (or had in its own SO_REUSEPORT
+    # queue) is reset with it, as any request there is: that is the kill, not readiness. Every
+    # probe connected after the kill must answer 200.
+    lost = [at - killed for at, kind in ready.events if kind == "down"]
+    resets = [round(at - killed, 3) for at, kind in tally.events if kind == "reset"]
     print(
         f"\nworker killed; restarted one serving after {serving_again - killed:.1f} s; "
-        f"answers {dict(counts)}; /readyz probes {len(ready.events)}, not 200: {len(flaps)}"
+        f"answers {dict(counts)}; /readyz probes {len(ready.events)}, not 200 after the kill: "
+        f"{len(flaps)}; probes lost with the killed worker: {len(lost)}; requests reset at "
+        f"{resets} s after the kill"
     )
     assert counts["503:not_ready"] == 0
     assert flaps == []
-    # Only requests in flight on the killed worker's connections can be lost (one per client).
-    assert counts["reset"] <= 8
+    assert len(lost) <= 1 and all(at < 0 for at in lost), lost
+    # Only requests on the killed worker's connections are lost: those in flight, and those on
+    # connections the kernel still queued for it while the dying process was torn down (its
+    # memory goes before its sockets, ~0.1 s here). Nothing is lost once it is gone.
+    assert all(0 <= at < 1.0 for at in resets), resets
     assert set(counts) <= {"200", "reset"}
 
 

@@ -19,7 +19,7 @@ MINUTES ?= 10
 
 .DEFAULT_GOAL := help
 .PHONY: help install serve test test-unit test-http test-integration test-e2e fuzz lint format train \
-        import-model bench overload loadtest soak container-test clean evaluate depth-study
+        import-model bench overload loadtest soak rehearsal container-test clean evaluate depth-study
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -90,6 +90,9 @@ overload: $(STAMP) ## Goodput at 2x and 5x capacity, open loop, beside the peer 
 
 soak: $(STAMP) ## Open-loop soak of a fresh local service at 80% of capacity for MINUTES (10), not in make test -> results/soak.json
 	$(PY) -m loadtests.soak --minutes $(MINUTES)
+
+rehearsal: $(STAMP) ## Kubernetes rehearsed as processes: 3 replicas behind HAProxy, Prometheus, locust, SIGTERM + SIGKILL, KEDA query -> results/rehearsal.json
+	$(PY) -m loadtests.rehearsal --users $(or $(REHEARSAL_USERS),128)
 
 container-test: $(STAMP) ## Build the image with podman (no registry), run it, classify, scrape, stop -> results/container-test.json
 	$(PY) -m loadtests.container_check

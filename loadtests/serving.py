@@ -21,6 +21,7 @@ __all__ = [
     "parse_exposition",
     "scrape",
     "serve",
+    "serve_model",
     "serve_peer",
     "wait_ready",
 ]
@@ -114,6 +115,34 @@ def serve(
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     with _run(command, full_env, log_dir / f"serve-{port}.log", port, ready_path,
               ready_timeout_s, "bentoml serve") as server:  # fmt: skip
+        yield server
+
+
+@contextlib.contextmanager
+def serve_model(
+    env: dict[str, str],
+    log_dir: Path,
+    *,
+    bind: str,
+    ready_timeout_s: float = 180.0,
+    port: int | None = None,
+) -> Iterator[Server]:
+    """Start a model process on its own (``bentoml serve service.service:VitModel`` listening
+    on ``bind``, e.g. ``tcp://127.0.0.1:5555``); yield once its /readyz answers 200. The
+    ``Server``'s URL is its BentoML HTTP port (probes, /metrics, POST /status)."""
+    port = port or free_port()
+    full_env = {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "true",
+        "PYTHONUNBUFFERED": "1",
+        "BENTOML_HOME": str(log_dir / f"bentoml-home-{port}"),
+        "VIT_MODEL_BIND": bind,
+        **env,
+    }
+    command = [sys.executable, "-m", "bentoml", "serve", "service.service:VitModel",
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with _run(command, full_env, log_dir / f"model-{port}.log", port, "/readyz",
+              ready_timeout_s, "bentoml serve (model)") as server:  # fmt: skip
         yield server
 
 

@@ -38,6 +38,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["Drain", "draining", "install", "on_header_timeout", "set_gate"]
+__all__ = ["Drain", "draining", "install", "on_header_timeout", "set_gate", "stop_with_parent"]
 
 _logger = logging.getLogger(__name__)
 
@@ -157,6 +158,28 @@ def install(
 
         _patch_protocol(HttpToolsProtocol)
     return _DRAIN
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_parent() -> bool:
+    """A worker: get SIGTERM (and so drain) when the arbiter dies (Linux ``PR_SET_PDEATHSIG``).
+
+    BentoML starts each worker in a session of its own, so a SIGKILL of ``bentoml serve`` alone
+    (``kill -9``, a supervisor killing one pid) used to leave its workers serving, orphaned, on
+    the port (with ``SO_REUSEPORT``, beside the next server started there). Inside a container the
+    kernel kills them all anyway. Returns whether the request took (Linux only)."""
+    import ctypes
+    import ctypes.util
+
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return int(libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 # --- the server: when to stop admitting, and how ----------------------------------------------

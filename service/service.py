@@ -36,7 +36,7 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from .answers import describe_model
-from .drain import draining, install, on_header_timeout, set_gate
+from .drain import draining, install, on_header_timeout, set_gate, stop_with_parent
 from .errors import ApiError
 from .http import read_request
 from .inference import ModelRunner, settle_heap
@@ -73,6 +73,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # How long a just-started HTTP worker's first requests wait for its first word from a model
 # process (the model is usually up: a respawned worker connects within milliseconds).
 FIRST_CONTACT_S = 5.0
+# The same wait for a worker's first readiness probe, kept within a probe's timeout (2 s).
+READY_CONTACT_S = 1.0
 _HOT_ROUTES = {"/classify": False, "/classify_batch": True}  # path -> batch endpoint?
 _CLASSIFY_ROUTES = list(_HOT_ROUTES)
 _access_log = logging.getLogger("bentoml.access")
@@ -195,7 +197,10 @@ class VitModel:
     @bentoml.on_shutdown
     async def _shutdown(self) -> None:
         # The HTTP workers drain at the same time and need this process until they are done:
-        # wait for them to hang up (at most the grace period).
+        # wait for them to hang up (at most the grace period). Run on its own, its HTTP workers
+        # stay up: they are told to send to the other model servers, and answer when done.
+        if SETTINGS.model_bind:
+            self.server.leave()
         if not await self.server.idle(STOP.grace_left()):
             _logger.warning("stopping with HTTP workers still connected (grace period over)")
         self.server.stop()
@@ -225,7 +230,8 @@ class VitClassifier:
             torch.set_num_threads(1)  # this process never runs the model
             endpoints = [e.strip() for e in SETTINGS.model_endpoints.split(",") if e.strip()]
             endpoints = endpoints or [ipc_endpoint(i) for i in range(len(PLAN.devices))]
-            self._client = backend = ModelClient(endpoints, self.metrics)
+            remote = bool(SETTINGS.model_endpoints)  # ready while any one of them serves
+            self._client = backend = ModelClient(endpoints, self.metrics, need_all=not remote)
             with contextlib.suppress(RuntimeError):  # BentoML builds services on its loop
                 asyncio.get_running_loop()
                 self._client.start()
@@ -252,7 +258,10 @@ class VitClassifier:
         """replicas: a worker restarted beside warm ones loads before it listens (uvicorn
         listens once this hook returns), so it takes no request it would answer ``not_ready``
         and readiness does not flap. At the server's start no one is warm: all listen at once
-        (probes must answer) and /readyz stays 503 until every replica is warm."""
+        (probes must answer) and /readyz stays 503 until every replica is warm.
+
+        split: connect to the model processes now, not at this worker's first request."""
+        self._connect()
         runner = self.backend
         if not isinstance(runner, ModelRunner) or not self._marks.others_ready(self._index):
             return
@@ -262,6 +271,10 @@ class VitClassifier:
 
     async def __is_ready__(self) -> bool:
         self._connect()
+        if self._client is not None and not draining():
+            # Just started, this worker's sockets are milliseconds from the model processes:
+            # wait for them rather than answer 503 beside a worker that is already ready.
+            await self._client.first_contact(READY_CONTACT_S)
         if draining() or not self.backend.ready:
             return False
         # replicas: at start, every worker must be warm, whichever one this probe reached.
@@ -389,6 +402,8 @@ class VitClassifier:
     @app.get("/model", response_model=ModelResponse, responses=_MODEL_ERRORS)
     async def model(self, request: Request) -> JsonResponse:
         self._connect()
+        if self._client is not None:  # a fresh HTTP worker: wait for its first answer, as
+            await self._client.first_contact(FIRST_CONTACT_S)  # /classify does
         backend = self.backend
         try:
             info = backend.info
@@ -575,3 +590,5 @@ wrap_app(hot_routes)
 if server_context.worker_index is None:  # the arbiter (or a build): the workers' shared folder
     claim_run_folder()
     keep_respawning()
+else:  # a worker: drain and go when the arbiter dies, never serve orphaned
+    stop_with_parent()

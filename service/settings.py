@@ -182,6 +182,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
+        if self.topology == "replicas" and (self.model_endpoints or self.model_bind):
+            raise ValueError(
+                "VIT_MODEL_ENDPOINTS and VIT_MODEL_BIND belong to the split topology: set "
+                "VIT_TOPOLOGY=split (or auto), or leave them empty for replicas"
+            )
         if self.drain_delay_s >= self.grace_period_s:
             raise ValueError(
                 f"VIT_DRAIN_DELAY_S ({self.drain_delay_s}) must be shorter than "

@@ -90,6 +90,8 @@ def make_plan(
     """Decide topology, worker count and threads from the settings and what the host has."""
     devices = _devices(settings, cuda_devices)
     on_gpu = any(d.startswith("cuda") for d in devices)
+    if settings.model_endpoints or settings.model_bind:
+        return _tier_plan(settings, devices, cpus, on_gpu=on_gpu)
     if settings.topology != "auto":
         topology: Topology = settings.topology
         reason = f"VIT_TOPOLOGY={settings.topology}"
@@ -126,6 +128,27 @@ def make_plan(
     if busy > cpus:
         reason += f" (VIT_WORKERS={workers} asks for {busy} busy threads on {cpus} CPUs)"
     return Plan("split", workers, devices, threads, decode, reason, cpus)
+
+
+def _tier_plan(settings: Settings, devices: tuple[str, ...], cpus: int, *, on_gpu: bool) -> Plan:
+    """One tier of a split run as separate servers (separate pods): the HTTP front
+    (``VIT_MODEL_ENDPOINTS``) or the model (``VIT_MODEL_BIND``). Nothing else shares this host's
+    CPUs, so the front's workers get all of them and the model process all that it can use."""
+    if settings.model_endpoints:
+        workers = settings.workers or min(cpus, MAX_HTTP_WORKERS)
+        decode = max(1, cpus // workers)
+        reason = "VIT_MODEL_ENDPOINTS: HTTP workers only, the model processes run elsewhere"
+        return Plan("split", workers, devices, settings.torch_threads or 1, decode, reason, cpus)
+    if len(devices) > 1:
+        raise ValueError(
+            f"VIT_MODEL_BIND ({settings.model_bind}) is one socket for one model process, but "
+            f"{len(devices)} devices were found ({', '.join(devices)}): run one model server "
+            "per device (VIT_DEVICES=cuda:N, or one GPU per pod) and list each in the "
+            "front's VIT_MODEL_ENDPOINTS"
+        )
+    threads = settings.torch_threads or (1 if on_gpu else cpus)
+    reason = f"VIT_MODEL_BIND: one model process on {devices[0]}, the HTTP workers run elsewhere"
+    return Plan("split", 1, devices, threads, 1, reason, cpus)
 
 
 def _devices(settings: Settings, cuda_devices: int) -> tuple[str, ...]:

@@ -20,7 +20,15 @@ multipart: a JSON header, then one frame per buffer.
 Everything an HTTP worker sends within one event-loop turn travels as one message, to the
 model process with the fewest images in flight. A model process binds only once warmed up;
 when one goes away its in-flight requests fail at once with 503 ``not_ready`` and the socket
-reconnects by itself when the restarted process binds again.
+reconnects by itself when the restarted process binds again (a ``tcp://`` host name is looked up
+again at each attempt). ZeroMQ heartbeats find a peer that stopped answering (a frozen process, a
+lost node) within ``HEARTBEAT_TIMEOUT_MS``, as if it had gone away.
+
+A model process run on its own (``VIT_MODEL_BIND``) that is stopping sends ``{"op": "bye"}`` to
+each HTTP worker; the worker sends it nothing new from then on (its requests go to the other
+model processes), answers ``{"op": "bye"}`` after everything it sent before, and the model
+process closes once every worker has answered and nothing is in flight: a model server scaled
+away loses no request.
 """
 
 from __future__ import annotations
@@ -51,6 +59,12 @@ __all__ = ["ModelClient", "ModelServer", "ipc_endpoint", "model_info_from_dict"]
 
 
 _logger = logging.getLogger(__name__)
+
+# A peer that answers none of our pings for this long is treated as gone (ZMTP heartbeats,
+# answered by ZeroMQ's I/O thread, so a model process busy with a batch still answers them).
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
+_BYE = orjson.dumps({"op": "bye"})
 
 
 def ipc_endpoint(index: int, run_id: int | None = None) -> str:
@@ -93,8 +107,12 @@ class ModelServer:
         self.on_load_failure = on_load_failure
         self.peers = 0  # HTTP workers connected now
         self._tasks: set[asyncio.Task[None]] = set()
+        self._senders: set[bytes] = set()  # identities of the HTTP workers heard from
+        self._leaving = False
+        self._farewells: set[bytes] = set()  # told "bye", not yet answered
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: zmq.asyncio.Socket | None = None
 
     def start(self) -> threading.Thread:
         """Load the model, then listen (binding only once warmed up)."""
@@ -107,11 +125,18 @@ class ModelServer:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
 
+    def leave(self) -> None:
+        """Tell every HTTP worker to send nothing new (from any thread): at a stop of a model
+        server run on its own, whose HTTP workers stay up and turn to the other ones."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._say_bye)
+
     async def idle(self, timeout_s: float) -> bool:
-        """Wait (at most ``timeout_s``) until no HTTP worker is connected and nothing is in
-        flight: at a stop, the HTTP workers drain first and need this process meanwhile."""
+        """Wait (at most ``timeout_s``) until no HTTP worker is connected, or (after ``leave``)
+        every one has answered the farewell, and nothing is in flight: at a stop, the HTTP
+        workers drain first and need this process meanwhile."""
         deadline = time.monotonic() + timeout_s
-        while self.peers > 0 or self._tasks:
+        while (self.peers > 0 and not (self._leaving and not self._farewells)) or self._tasks:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.05)
@@ -134,6 +159,9 @@ class ModelServer:
         context = zmq.asyncio.Context()
         sock = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        self._sock = sock
         monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         sock.bind(self.endpoint)
         _logger.info("model process listening on %s", self.endpoint)
@@ -157,9 +185,36 @@ class ModelServer:
             elif event == zmq.EVENT_DISCONNECTED:
                 self.peers = max(0, self.peers - 1)
 
+    def _say_bye(self) -> None:
+        for identity in self._senders:
+            self._bye(identity)
+        self._leaving = True  # only now: ``idle`` (another thread) waits for those told
+        _logger.info("leaving: %d HTTP worker(s) told to send nothing new", len(self._farewells))
+
+    def _bye(self, identity: bytes) -> None:
+        assert self._sock is not None
+        # Mandatory for this send only: to a worker gone it fails instead of being dropped
+        # silently (replies to a worker gone are still dropped: it failed them itself).
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        try:
+            self._sock.send_multipart([identity, _BYE], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return  # that worker is gone: nothing to wait for
+        finally:
+            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._farewells.add(identity)
+
     async def _receive(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             frames = await sock.recv_multipart(copy=False)
+            identity = frames[0].bytes
+            if len(frames) == 2 and frames[1].bytes == _BYE:  # this worker will send nothing more
+                self._farewells.discard(identity)
+                continue
+            if identity not in self._senders:
+                self._senders.add(identity)
+                if self._leaving:  # a worker that connected while this process is leaving
+                    self._bye(identity)
             task = asyncio.ensure_future(self._handle(sock, frames))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -246,11 +301,20 @@ class _Outgoing:
 
 
 class ModelClient:
-    """An HTTP worker's connection to the model processes; ``infer`` like ``ModelRunner``."""
+    """An HTTP worker's connection to the model processes; ``infer`` like ``ModelRunner``.
 
-    def __init__(self, endpoints: Sequence[str], metrics: Metrics) -> None:
+    Args:
+        endpoints: One ZeroMQ endpoint per model process.
+        metrics: This worker's metrics.
+        need_all: Ready only when every model process is (this server's own processes);
+            False: when any one is (model servers elsewhere, some of them scaled away or
+            restarting: the others serve meanwhile).
+    """
+
+    def __init__(self, endpoints: Sequence[str], metrics: Metrics, need_all: bool = True) -> None:
         self.endpoints = list(endpoints)
         self.metrics = metrics
+        self.need_all = need_all
         self.runtime: dict[str, Any] = {}
         self.warmup_ms = 0.0
         self.load_error: str | None = None
@@ -261,22 +325,28 @@ class ModelClient:
         self._outbox: list[_Outgoing] = []
         self._flush_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._context: zmq.asyncio.Context | None = None
+        self._contexts: list[zmq.asyncio.Context] = []
         self._first_info: asyncio.Event | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         """Connect to every model process (call on the serving event loop; idempotent)."""
-        if self._context is not None:
+        if self._contexts:
             return
         self._first_info = asyncio.Event()
-        self._context = zmq.asyncio.Context()
         for endpoint in self.endpoints:
-            sock = self._context.socket(zmq.DEALER)
+            # A context (an I/O thread) per model process: ZeroMQ looks a tcp:// host name up
+            # in its I/O thread, blocking it, so a slow lookup for one endpoint (a model pod
+            # scaled away, a DNS outage) must not stall the traffic to the others.
+            context = zmq.asyncio.Context()
+            self._contexts.append(context)
+            sock = context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only to live connections
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
             monitor = sock.get_monitor_socket(
                 zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
             )
@@ -295,8 +365,8 @@ class ModelClient:
                 await task
         for link in self._links:
             self._fail(link, not_ready("The server is shutting down."))
-        if self._context is not None:
-            self._context.destroy(linger=0)  # closes the sockets and their monitors
+        for context in self._contexts:
+            context.destroy(linger=0)  # closes the sockets and their monitors
 
     async def first_contact(self, timeout_s: float) -> None:
         """Wait (at most ``timeout_s``) until this worker has heard from a model process once.
@@ -312,8 +382,10 @@ class ModelClient:
 
     @property
     def ready(self) -> bool:
-        """Every model process is warmed up (it binds only then) and answered ``info``."""
-        return self._info is not None and all(link.up for link in self._links)
+        """Every model process (any one, unless ``need_all``) is warmed up (it binds only
+        then) and answered ``info``."""
+        every = all if self.need_all else any
+        return self._info is not None and every(link.up for link in self._links)
 
     @property
     def info(self) -> ModelInfo:
@@ -432,6 +504,11 @@ class ModelClient:
             received = time.perf_counter()
             try:
                 header = orjson.loads(frames[0].bytes)
+                if header.get("op") == "bye":  # the model server is stopping: nothing new
+                    link.up = False  # to it; its answers to what was sent still come
+                    await link.sock.send(_BYE)
+                    _logger.info("model process at %s is leaving", link.endpoint)
+                    continue
                 if header.get("op") == "info" and "load_error" in header:
                     self.load_error = header["load_error"]
                     if self._first_info is not None:

@@ -223,6 +223,36 @@ def test_a_killed_replica_restarts_without_not_ready_or_flapping(tmp_path: Path)
     assert set(counts) <= {"200", "reset"}
 
 
+# --- the arbiter killed: its workers drain and go, never serve orphaned ------------------------
+def test_workers_stop_when_the_arbiter_is_killed(tmp_path: Path) -> None:
+    env = {"VIT_WORKERS": "2", "VIT_ACCESS_LOG": "false", "VIT_DRAIN_DELAY_S": "1"}
+    with serve(env, tmp_path) as running:
+        workers = [psutil.Process(pid) for pid in _worker_pids(running.process.pid)]
+        assert len(workers) == 2
+        time.sleep(1.0)
+        assert all(worker.is_running() for worker in workers)  # not signalled by their start
+        killed = time.monotonic()
+        running.process.kill()  # SIGKILL to `bentoml serve` alone: its workers have own sessions
+        running.process.wait(timeout=10)
+        try:
+            time.sleep(0.3)
+            # They drain as on SIGTERM (their logs went to the dead arbiter): not ready at once,
+            # still answering through the drain delay, then gone.
+            assert httpx.get(f"{running.url}/readyz", timeout=2).status_code == 503
+            assert httpx.get(f"{running.url}/livez", timeout=2).status_code == 200
+            _, alive = psutil.wait_procs(workers, timeout=GRACE_S)
+            stopped = time.monotonic()
+            assert alive == [], [w.pid for w in alive]
+            assert stopped - killed >= 1.0  # the drain delay
+        finally:
+            for worker in workers:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    worker.kill()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{running.url}/livez", timeout=2)
+    print(f"\narbiter killed; both workers drained and exited {stopped - killed:.2f} s later")
+
+
 # --- a model that cannot load ------------------------------------------------------------------
 def _truncated_model(folder: Path) -> str:
     source = REPO / "models" / "vit-digits"

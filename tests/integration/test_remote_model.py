@@ -1,0 +1,286 @@
+"""The two tiers of ``deploy/kubernetes/overlays/split`` as two servers on 127.0.0.1: a model
+server run on its own (``bentoml serve service.service:VitModel`` with ``VIT_MODEL_BIND``) and an
+HTTP front that reaches it over TCP (``VIT_MODEL_ENDPOINTS``).
+
+What the overlay relies on: the front answers what one server answers; the model server has its
+own probes and metrics; a model server killed fails the front fast and a new one on the same
+endpoint is found again; a frozen one is given up within the heartbeat timeout; the work spreads
+over two model servers, a listed endpoint with nothing behind it (a StatefulSet ordinal scaled
+away) does not hold readiness, and a model server stopped with SIGTERM (scaled in) loses no
+request. Both tiers run with ``VIT_TOPOLOGY=auto``, so the plan for each tier is checked too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from pydantic import ValidationError
+
+from loadtests.samples import digit
+from loadtests.serving import Server, free_port, scrape, serve, serve_model
+from service.settings import Settings
+from service.topology import make_plan
+
+TIMEOUT_S = 20
+# The model tier as the overlay runs it: nothing to drain for on its HTTP port (no load
+# balancer sends it requests), so SIGTERM goes straight to telling the fronts to leave it.
+MODEL_ENV = {"VIT_ACCESS_LOG": "false", "VIT_DRAIN_DELAY_S": "0"}
+FRONT_ENV = {"VIT_ACCESS_LOG": "false", "VIT_REQUEST_TIMEOUT_S": str(TIMEOUT_S)}
+
+
+@dataclass(frozen=True)
+class _Tiers:
+    """A front and the model servers behind it."""
+
+    front: Server
+    models: list[Server]
+    endpoints: list[str]
+
+
+def _ports(count: int) -> list[int]:
+    """``count`` different free ports (none bound yet, so ask until they differ)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+@contextlib.contextmanager
+def _tiers(log_dir: Path, models: int, listed: int | None = None, **front: str) -> Iterator[_Tiers]:
+    """``models`` model servers, and a front listing ``listed`` endpoints (the extra ones with
+    nothing behind them)."""
+    listed = listed or models
+    ports = _ports(listed + models)  # the sockets' and the model servers' HTTP ports
+    endpoints = [f"tcp://127.0.0.1:{port}" for port in ports[:listed]]
+    with contextlib.ExitStack() as stack:
+        running = [
+            stack.enter_context(serve_model(MODEL_ENV, log_dir, bind=endpoint, port=port))
+            for endpoint, port in zip(endpoints, ports[listed:], strict=False)
+        ]
+        env = {**FRONT_ENV, "VIT_MODEL_ENDPOINTS": ",".join(endpoints), **front}
+        yield _Tiers(stack.enter_context(serve(env, log_dir)), running, endpoints)
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Tiers]:
+    with _tiers(tmp_path_factory.mktemp("remote"), models=1) as running:
+        yield running
+
+
+def _classify(client: httpx.Client, url: str, data: bytes, **fields: str) -> httpx.Response:
+    return client.post(f"{url}/classify", files={"image": ("d.png", data)}, data=fields)
+
+
+def _runtime(url: str) -> dict[str, Any]:
+    response = httpx.get(f"{url}/model", timeout=10)
+    assert response.status_code == 200, response.text
+    runtime: dict[str, Any] = response.json()["runtime"]
+    return runtime
+
+
+def _forward_passes(model: Server) -> float:
+    return scrape(model.url).get("vit_batch_size_count", 0.0)
+
+
+def _status(url: str, path: str) -> int:
+    return httpx.get(f"{url}{path}", timeout=5).status_code
+
+
+def _signal_all(server: Server, signum: int) -> None:
+    """``signum`` to the server's main process and every process under it (BentoML starts its
+    workers in sessions of their own): the whole container, as a pod sees it."""
+    main = psutil.Process(server.process.pid)
+    for process in [main, *main.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signum)
+
+
+def _until(check: Any, timeout_s: float, what: str) -> float:
+    """Poll ``check`` until true; the seconds it took."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout_s, what
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def _load(url: str, seconds: float, during: Any, users: int = 8) -> list[tuple[int, str, float]]:
+    """``users`` clients posting /classify for ``seconds`` and until ``during()``, run after
+    1.5 s, has returned; each outcome as (status, error code, seconds)."""
+    data = digit(3, 64, False)
+    outcomes: list[tuple[int, str, float]] = []
+    done = asyncio.Event()
+
+    async def user(client: httpx.AsyncClient, stop_at: float) -> None:
+        while time.monotonic() < stop_at or not done.is_set():
+            started = time.monotonic()
+            response = await client.post(f"{url}/classify", files={"image": ("d.png", data)})
+            code = "" if response.status_code == 200 else response.json()["error"]["code"]
+            outcomes.append((response.status_code, code, time.monotonic() - started))
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=TIMEOUT_S + 5) as client:
+            stop_at = time.monotonic() + seconds
+            users_done = asyncio.gather(*(user(client, stop_at) for _ in range(users)))
+            await asyncio.sleep(1.5)
+            await asyncio.to_thread(during)
+            done.set()
+            await users_done
+
+    asyncio.run(scenario())
+    return outcomes
+
+
+# --- one model server, one front -------------------------------------------------------------
+def test_the_front_answers_what_one_server_answers(server: Server, remote: _Tiers) -> None:
+    front, (model,) = remote.front, remote.models
+    # Every HTTP worker is ready, not only the one whose 200 ended the wait for the server.
+    assert [_status(front.url, "/readyz") for _ in range(16)] == [200] * 16
+    before = _forward_passes(model)
+    with httpx.Client(timeout=TIMEOUT_S) as client:
+        for index in range(12):
+            data = digit(index, 64 + 8 * (index % 3), index % 2 == 1)
+            plain = _classify(client, server.url, data, attention="rollout")
+            split = _classify(client, front.url, data, attention="rollout")
+            assert plain.status_code == split.status_code == 200, (plain.text, split.text)
+            one, two = plain.json(), split.json()
+            assert one["image"]["sha256"] == two["image"]["sha256"]
+            assert one["predictions"][0]["index"] == two["predictions"][0]["index"]
+            np.testing.assert_allclose(
+                [p["score"] for p in one["predictions"]],
+                [p["score"] for p in two["predictions"]],
+                atol=1e-5,
+            )
+            np.testing.assert_allclose(
+                one["attention"]["weights"], two["attention"]["weights"], atol=1e-5
+            )
+    # The forward passes ran in the model server, and the hop was timed in the front.
+    assert _forward_passes(model) > before
+    assert scrape(front.url)['vit_stage_duration_seconds_count{stage="transport"}'] > 0
+
+
+def test_each_tier_plans_for_a_host_of_its_own(remote: _Tiers) -> None:
+    runtime = _runtime(remote.front.url)
+    assert runtime["topology"] == "split"  # VIT_TOPOLOGY=auto: the endpoints decide
+    assert runtime["http_workers"] == min(runtime["cpus"], 16)  # no model process beside them
+    (model_process,) = runtime["model_processes"]
+    assert model_process["device"] == "cpu"
+    assert model_process["torch_threads"] == runtime["cpus"]  # no HTTP worker beside it
+
+
+def test_the_model_server_answers_its_own_probes_and_metrics(remote: _Tiers) -> None:
+    (model,) = remote.models
+    assert _status(model.url, "/readyz") == 200
+    assert _status(model.url, "/livez") == 200
+    status = httpx.post(f"{model.url}/status", json={}, timeout=5).json()
+    assert status == {"ready": True, "device": "cpu", "queued": 0}
+    series = scrape(model.url)
+    assert "vit_queue_images" in series  # what the model tier's ScaledObject asks Prometheus
+    assert any(key.startswith("vit_model_info{") for key in series)
+
+
+def test_a_frozen_model_server_is_given_up_within_the_heartbeat(remote: _Tiers) -> None:
+    """SIGSTOP (a hung process, a lost node: the TCP connection stays open, nothing answers):
+    requests get 503 ``not_ready`` within the heartbeat timeout, not after the request timeout;
+    SIGCONT: the front finds it again."""
+    front, (model,) = remote.front, remote.models
+    try:
+        outcomes = _load(front.url, 6, lambda: _signal_all(model, signal.SIGSTOP))
+        statuses = Counter((status, code) for status, code, _ in outcomes)
+        assert set(statuses) <= {(200, ""), (503, "not_ready")}, statuses
+        assert statuses[(503, "not_ready")] > 0, statuses
+        assert max(elapsed for _, _, elapsed in outcomes) < 8, statuses  # heartbeat: 3 s
+        assert _status(front.url, "/readyz") == 503
+    finally:
+        _signal_all(model, signal.SIGCONT)
+    _until(lambda: _status(front.url, "/readyz") == 200, 30, "not found again after SIGCONT")
+    with httpx.Client(timeout=TIMEOUT_S) as client:
+        for _ in range(10):
+            assert _classify(client, front.url, digit(1, 64, False)).status_code == 200
+
+
+# --- a model server killed and replaced ------------------------------------------------------
+def test_a_killed_model_server_fails_fast_and_its_replacement_is_found(tmp_path: Path) -> None:
+    """SIGKILL to the whole model server (a pod killed), then a new one on the same endpoint
+    (the StatefulSet's replacement pod, under the same name)."""
+    with _tiers(tmp_path, models=1) as tiers:
+        front, (model,) = tiers.front, tiers.models
+        outcomes = _load(front.url, 4, lambda: _signal_all(model, signal.SIGKILL))
+        statuses = Counter((status, code) for status, code, _ in outcomes)
+        assert set(statuses) <= {(200, ""), (503, "not_ready")}, statuses
+        assert statuses[(200, "")] > 0 and statuses[(503, "not_ready")] > 0, statuses
+        assert max(elapsed for _, _, elapsed in outcomes) < 2, statuses
+        assert _status(front.url, "/readyz") == 503
+        assert _status(front.url, "/livez") == 200  # the front stays up: no restart needed
+        assert "went away" in front.log_text()
+
+        with serve_model(MODEL_ENV, tmp_path, bind=tiers.endpoints[0]) as replacement:
+            took = _until(lambda: _status(front.url, "/readyz") == 200, 30, "not found again")
+            assert took < 5, took  # reconnect attempts every second at most
+            with httpx.Client(timeout=TIMEOUT_S) as client:
+                for _ in range(20):  # every HTTP worker reconnected
+                    assert _classify(client, front.url, digit(2, 64, False)).status_code == 200
+            assert _forward_passes(replacement) > 0
+
+
+# --- two model servers -----------------------------------------------------------------------
+def test_two_model_servers_share_the_work_and_one_scaled_in_loses_nothing(tmp_path: Path) -> None:
+    """Three endpoints listed, two served (the third: an ordinal scaled away): the front is
+    ready, both get work; then one is stopped with SIGTERM under load (a scale-in): it tells
+    the front to leave it, answers what it has, and exits; no request fails."""
+    with _tiers(tmp_path, models=2, listed=3, VIT_WORKERS="1") as tiers:
+        front, (first, second) = tiers.front, tiers.models
+        assert _status(front.url, "/readyz") == 200
+        _until(lambda: len(_runtime(front.url)["model_processes"]) == 2, 10, "one not seen")
+        before = [_forward_passes(first), _forward_passes(second)]
+        outcomes = _load(front.url, 3, lambda: None)
+        assert Counter(status for status, _, _ in outcomes) == Counter({200: len(outcomes)})
+        assert _forward_passes(first) > before[0] and _forward_passes(second) > before[1]
+
+        stopped: list[float] = []
+
+        def scale_in() -> None:
+            os.kill(second.process.pid, signal.SIGTERM)  # as the kubelet: the main process
+            started = time.monotonic()
+            second.process.wait(timeout=30)
+            stopped.append(time.monotonic() - started)
+
+        outcomes = _load(front.url, 5, scale_in)
+        assert Counter(status for status, _, _ in outcomes) == Counter({200: len(outcomes)})
+        assert stopped and stopped[0] < 10, stopped  # not held until the grace period ends
+        # Told to leave it before it closed: no "went away" as after a kill, no wait for the
+        # grace period.
+        assert "went away" not in front.log_text()
+        assert "grace period over" not in second.log_text()
+        assert _status(front.url, "/readyz") == 200  # the first one still serves
+
+
+# --- the plan and the settings of a tier (no server) -----------------------------------------
+def test_a_model_server_with_several_devices_is_refused() -> None:
+    settings = Settings(model_bind="tcp://0.0.0.0:5555")
+    with pytest.raises(ValueError, match="one model server per device"):
+        make_plan(settings, cpus=16, cuda_devices=2, model_bytes=None)
+    plan = make_plan(settings, cpus=16, cuda_devices=1, model_bytes=None)
+    assert plan.devices == ("cuda:0",) and plan.torch_threads == 1
+
+
+def test_endpoints_or_bind_with_replicas_are_refused() -> None:
+    for field in ("model_endpoints", "model_bind"):
+        endpoint: dict[str, Any] = {field: "tcp://vit-model-0.vit-model:5555"}
+        with pytest.raises(ValidationError, match="VIT_TOPOLOGY=split"):
+            Settings(topology="replicas", **endpoint)

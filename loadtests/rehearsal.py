@@ -36,9 +36,11 @@ sessions on the replica (sampled from just before the kill until its processes a
 lower bound of what it held) and its error counters for it. They do not agree: in runs here the
 clients lost more requests (e.g. 38) than the balancer counted errors on the replica (25) or
 sampled in flight (17). The difference is requests whose client connection HAProxy closed with
-no response and no log line; why is not established. The report counts requests per replica (the balancer's counters and each
-replica's own ``vit_requests_total``), failed requests at each event, how long the balancer took
-to route around the killed replica, and the scaling query under load and at rest.
+no response and no log line; why is not established.
+
+The report counts requests per replica (the balancer's counters and each replica's own
+``vit_requests_total``), failed requests at each event, how long the balancer took to route
+around the killed replica, and the scaling query under load and at rest.
 """
 
 from __future__ import annotations

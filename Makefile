@@ -85,8 +85,9 @@ loadtest: $(STAMP) ## Headless locust run (USERS, DURATION s, MAX_P95_MS, SHAPE=
 bench: $(STAMP) ## Offline vs served, and ours vs a hand-written peer -> results/bench-cpu.{json,md} (needs wrk)
 	$(PY) -m loadtests.bench cpu
 
-overload: $(STAMP) ## Goodput at 2x and 5x capacity, open loop, beside the peer -> results/overload.{json,md}
+overload: $(STAMP) ## Goodput at 2x and 5x capacity beside the peer, sharing cores then pinned apart -> results/overload{,-pinned}.{json,md}
 	$(PY) -m loadtests.overload
+	$(PY) -m loadtests.overload --pin
 
 soak: $(STAMP) ## Open-loop soak of a fresh local service at 80% of capacity for MINUTES (10), not in make test -> results/soak.json
 	$(PY) -m loadtests.soak --minutes $(MINUTES)

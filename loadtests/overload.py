@@ -8,8 +8,12 @@ server that refuses cheaply keeps its goodput near capacity; one that reads and 
 request before refusing it, or queues without bound, does not (or answers too late to matter).
 The issue's own drill, 400 closed-loop clients, runs too.
 
-The generator shares the 2 cores with the server: its own CPU share is reported beside each
-figure, and ratios are taken within one run. Results: ``results/overload.{json,md}``.
+By default the generator shares the machine's cores with the server: its own CPU share is
+reported beside each figure, and ratios are taken within one run. ``--pin`` keeps them apart,
+as clients on other machines would be: the server (and every process it starts) runs on the
+first half of this process's CPUs, the generator on the rest (on 2 cores: one each), so what
+the generator spends at 5x is not taken from the server. Results: ``results/overload.{json,md}``
+(``overload-pinned`` with ``--pin``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,13 +41,34 @@ def _request(width: int, height: int) -> Request:
 
 
 @contextlib.contextmanager
-def _server(which: str, work: Path) -> Iterator[Server]:
-    if which == "peer":
-        with serve_peer(work, model=DEFAULT_MODEL, workers=2) as running:
-            yield running
-    else:
-        with serve({"VIT_ACCESS_LOG": "false"}, work) as running:
-            yield running
+def _server(which: str, work: Path, cpus: set[int] | None = None) -> Iterator[Server]:
+    """Serve ``which`` with its defaults; with ``cpus``, the server and its children run on
+    those CPUs (set on this process while it starts them: affinity is inherited) and it sizes
+    itself to them (ours reads its affinity; the peer gets one worker per CPU)."""
+    mine = os.sched_getaffinity(0)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+    try:
+        if which == "peer":
+            workers = len(cpus) if cpus is not None else 2
+            with serve_peer(work, model=DEFAULT_MODEL, workers=workers) as running:
+                os.sched_setaffinity(0, mine)
+                yield running
+        else:
+            with serve({"VIT_ACCESS_LOG": "false"}, work) as running:
+                os.sched_setaffinity(0, mine)
+                yield running
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
+def split_cpus() -> tuple[set[int], set[int]]:
+    """This process's CPUs in two: the server's (first half) and the generator's (the rest)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs")
+    half = len(cpus) // 2
+    return set(cpus[:half]), set(cpus[half:])
 
 
 def _figures(result: Result, capacity: float | None) -> dict[str, Any]:
@@ -67,10 +93,20 @@ def _figures(result: Result, capacity: float | None) -> dict[str, Any]:
     return figures
 
 
-def drill(which: str, work: Path, seconds: float, request: Request) -> dict[str, Any]:
-    """Capacity, then 2x and 5x open loop, then 400 closed-loop clients, on one server."""
+def drill(
+    which: str,
+    work: Path,
+    seconds: float,
+    request: Request,
+    pin: tuple[set[int], set[int]] | None = None,
+) -> dict[str, Any]:
+    """Capacity, then 2x and 5x open loop, then 400 closed-loop clients, on one server; with
+    ``pin`` (server CPUs, generator CPUs), each on its own."""
     out: dict[str, Any] = {}
-    with _server(which, work) as running:
+    server_cpus, generator_cpus = pin if pin else (None, None)
+    if pin:
+        out["cpus"] = {"server": sorted(pin[0]), "generator": sorted(pin[1])}
+    with _server(which, work, server_cpus) as running, _pinned(generator_cpus):
         run_loop(run_closed_loop(running.url, [request], clients=16, duration_s=3))  # warm-up
         # Capacity: the best of 16 and 64 keep-alive clients (more in flight, fuller batches).
         runs = [
@@ -105,10 +141,22 @@ def drill(which: str, work: Path, seconds: float, request: Request) -> dict[str,
     return out
 
 
+@contextlib.contextmanager
+def _pinned(cpus: set[int] | None) -> Iterator[None]:
+    """Run this process (the generator) on ``cpus`` for the block, if given."""
+    mine = os.sched_getaffinity(0)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
 def _markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         f"# Overload drill ({args.width}x{args.height} JPEG per request, {args.seconds:g} s "
-        "per phase)",
+        "per phase" + (", server and generator on CPUs of their own" if args.pin else "") + ")",
         "",
         "| server | capacity/s | 2x: goodput (share) | 2x p99 ms | 5x: goodput (share) | "
         "5x p99 ms | 400 clients: goodput (share) | p99 ms |",
@@ -130,13 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--servers", default="vit-serve,peer")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "overload")
+    parser.add_argument(
+        "--pin", action="store_true", help="server on half the CPUs, the generator on the rest"
+    )
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = REPO / "results" / ("overload-pinned" if args.pin else "overload")
+    pin = split_cpus() if args.pin else None
     request = _request(args.width, args.height)
     work = args.out.parent / "work"
     work.mkdir(parents=True, exist_ok=True)
     results = {
-        which: drill(which, work, args.seconds, request) for which in args.servers.split(",")
+        which: drill(which, work, args.seconds, request, pin) for which in args.servers.split(",")
     }
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     table = _markdown(results, args)

@@ -13,17 +13,17 @@ What stands in for what:
   health-checking ``/readyz`` exactly as the rendered readinessProbe does (its period, timeout and
   failure threshold become ``inter``, ``timeout check`` and ``fall``). Like the NGINX ingress
   controller's default (``proxy-next-upstream: error timeout``) it tries a refused connection on
-  another replica and never re-sends a request a replica had taken (no ``retry-on
-  empty-response``). Each request gets its own connection to a replica
-  (``http-server-close``), so the balancer's current sessions on a replica are exactly its
-  requests in flight. (With pooled upstream connections, a request sent on a pooled connection
-  to a replica that just died is lost too: HAProxy closes the client's connection so that the
-  client may retry. Clients should retry on a closed connection; classification is idempotent.)
+  another replica and never re-sends a request a replica had taken; ``--resend-taken`` turns
+  that on (HAProxy's ``retry-on conn-failure empty-response``, as an Envoy ``retry_on: reset``
+  would: classifying an image has no side effect). Each request gets its own connection to a
+  replica (``http-server-close``), so the balancer's sessions on a replica are exactly its
+  requests in flight.
 - **the Prometheus operator**: a real Prometheus scraping every replica, each series labelled
   ``service="vit-serve"`` as the ServiceMonitor's Service would;
-- **KEDA**: the rendered ScaledObject's own PromQL, evaluated against that Prometheus, turned
-  into the replica count KEDA's HPA would ask for: ``clamp(ceil(value / threshold), min, max)``
-  (an ``AverageValue`` target), and ``min`` once the value is at or below ``activationThreshold``;
+- **KEDA**: the rendered ScaledObject's own PromQL (each trigger's), evaluated against that
+  Prometheus, turned into the replica count KEDA's HPA would ask for: the largest of
+  ``ceil(value / threshold)`` over the triggers (``AverageValue`` targets), clamped to
+  ``[min, max]``, and ``min`` while every value is at or below its ``activationThreshold``;
 - **traffic**: locust (``loadtests/rehearsal_users.py``) through the balancer.
 
 During the load: a rolling update (the surge replica starts and turns ready, then one replica gets
@@ -31,12 +31,15 @@ SIGTERM and drains), a crash (every process of another replica gets SIGKILL, as 
 a container), then a burst of more users than the two replicas left can batch (past the
 admission limit they are told 503 ``overloaded``, which counts as a refusal, not a failure).
 
-What the crash costs is counted from both sides: the client's failed requests, the balancer's
-sessions on the replica (sampled from just before the kill until its processes are gone: a
-lower bound of what it held) and its error counters for it. They do not agree: in runs here the
-clients lost more requests (e.g. 38) than the balancer counted errors on the replica (25) or
-sampled in flight (17). The difference is requests whose client connection HAProxy closed with
-no response and no log line; why is not established.
+What the crash costs is counted from both sides: the client's failed requests, and what the
+replica held as it died by the balancer's counters for it (a snapshot just before the kill and
+one after its last session ended): its sessions at the kill, plus the connections it still
+accepted after it (the kernel tears a killed process's memory down before it closes its
+sockets, ~0.1 s here), less those refused. Clients lose at most that; in runs here exactly that.
+HAProxy's log alone undercounts: a request that is not the first on the client's keep-alive
+connection and finds its server gone is answered by closing the client's connection, with no
+502 and no log line, so that the client may retry (``abort_keep_alive`` in HAProxy's
+``http_ana.c``); locust does not retry a POST, so it counts a failure the log never shows.
 
 The report counts requests per replica (the balancer's counters and each replica's own
 ``vit_requests_total``), failed requests at each event, how long the balancer took to route
@@ -57,7 +60,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,23 +82,37 @@ JOB = "vit-serve-pods"
 
 # --- what deploy/kubernetes ships ---------------------------------------------------------------
 @dataclass(frozen=True)
+class Trigger:
+    """One of the ScaledObject's Prometheus triggers."""
+
+    name: str
+    query: str  # its PromQL
+    threshold: float
+    activation: float
+
+
+@dataclass(frozen=True)
 class Shipped:
     """The rendered manifests' values the rehearsal runs with."""
 
     env: dict[str, str]  # the ConfigMap's VIT_* values
     readiness: dict[str, Any]  # the container's readinessProbe
     grace_s: int  # terminationGracePeriodSeconds
-    query: str  # the KEDA trigger's PromQL
-    threshold: float
-    activation: float
+    triggers: tuple[Trigger, ...]  # the KEDA ScaledObject's
     min_replicas: int
     max_replicas: int
 
-    def replicas_for(self, value: float) -> int:
-        """What KEDA's HPA asks for at this query value (AverageValue target)."""
-        if value <= self.activation:
+    def replicas_for(self, values: Sequence[float]) -> int:
+        """What KEDA's HPA asks for at these values of the triggers' queries (in their order):
+        the largest count of the AverageValue targets; the minimum while none is active."""
+        wanted = [
+            math.ceil(value / trigger.threshold)
+            for trigger, value in zip(self.triggers, values, strict=True)
+            if value > trigger.activation
+        ]
+        if not wanted:
             return self.min_replicas
-        return max(self.min_replicas, min(self.max_replicas, math.ceil(value / self.threshold)))
+        return max(self.min_replicas, min(self.max_replicas, max(wanted)))
 
 
 def _render(overlay: Path) -> list[dict[str, Any]]:
@@ -121,14 +138,21 @@ def shipped() -> Shipped:
     pod = _one(base, "Deployment")["spec"]["template"]["spec"]
     container = pod["containers"][0]
     scaled = _one(_render(KUSTOMIZE / "overlays" / "autoscale"), "ScaledObject")["spec"]
-    trigger = next(t for t in scaled["triggers"] if t["type"] == "prometheus")["metadata"]
+    triggers = tuple(
+        Trigger(
+            name=t.get("name", f"trigger {i}"),
+            query=t["metadata"]["query"],
+            threshold=float(t["metadata"]["threshold"]),
+            activation=float(t["metadata"].get("activationThreshold", 0)),
+        )
+        for i, t in enumerate(scaled["triggers"])
+        if t["type"] == "prometheus"
+    )
     return Shipped(
         env={k: str(v) for k, v in _one(base, "ConfigMap")["data"].items()},
         readiness=container["readinessProbe"],
         grace_s=int(pod["terminationGracePeriodSeconds"]),
-        query=trigger["query"],
-        threshold=float(trigger["threshold"]),
-        activation=float(trigger.get("activationThreshold", 0)),
+        triggers=triggers,
         min_replicas=int(scaled.get("minReplicaCount", 0)),
         max_replicas=int(scaled.get("maxReplicaCount", 100)),
     )
@@ -235,13 +259,20 @@ class Routed:
 
 
 def _haproxy_config(
-    ports: dict[str, int], front: int, sock: Path, readiness: dict[str, Any]
+    ports: dict[str, int],
+    front: int,
+    sock: Path,
+    readiness: dict[str, Any],
+    resend_taken: bool = False,
 ) -> str:
     period = int(readiness.get("periodSeconds", 10))
     timeout = int(readiness.get("timeoutSeconds", 1))
     fall = int(readiness.get("failureThreshold", 3))
     rise = int(readiness.get("successThreshold", 1))
     servers = "\n".join(f"    server {name} 127.0.0.1:{port} check" for name, port in ports.items())
+    # Resending a request a replica took and dropped (L7 retries): safe here, classifying an
+    # image has no side effect; the request must fit the balancer's buffer (tune.bufsize).
+    resend = "    retry-on conn-failure empty-response\n" if resend_taken else ""
     return f"""global
     maxconn 4096
     stats socket {sock} mode 600 level admin
@@ -257,7 +288,7 @@ defaults
     retries 3
     option redispatch 1
     option http-server-close
-frontend ingress
+{resend}frontend ingress
     bind 127.0.0.1:{front}
     default_backend replicas
 backend replicas
@@ -272,15 +303,16 @@ backend replicas
 
 @contextlib.contextmanager
 def run_haproxy(
-    ports: dict[str, int], folder: Path, readiness: dict[str, Any]
+    ports: dict[str, int], folder: Path, readiness: dict[str, Any], resend_taken: bool = False
 ) -> Iterator[Balancer]:
-    """HAProxy in the foreground on a free loopback port in front of ``ports``."""
+    """HAProxy in the foreground on a free loopback port in front of ``ports``; with
+    ``resend_taken`` it also resends a request a server took and closed on unanswered."""
     exe = shutil.which("haproxy")
     if exe is None:
         raise RuntimeError("haproxy is not installed: apt-get install -y haproxy")
     front, sock = free_port(), folder / "haproxy.sock"
     config = folder / "haproxy.cfg"
-    config.write_text(_haproxy_config(ports, front, sock, readiness))
+    config.write_text(_haproxy_config(ports, front, sock, readiness, resend_taken))
     subprocess.run([exe, "-c", "-q", "-f", str(config)], check=True)
     log = folder / "haproxy.log"
     with log.open("wb") as sink:
@@ -400,8 +432,34 @@ def _kill_pod(pid: int) -> list[psutil.Process]:
     return tree
 
 
-def _keda_value(prom: Prometheus, query: str) -> float:
-    return prom.scalar(query) or 0.0
+def _held(before: dict[str, str], after: dict[str, str]) -> dict[str, int]:
+    """What a killed server held, from the balancer's counters for it just before the kill and
+    once its last session was over: ``in_flight_at_kill`` (its sessions then),
+    ``accepted_after_kill`` (connections it took after, not those it refused), ``held``
+    (their sum), and
+    ``lost_per_balancer``: ``held`` less the responses it still sent. A client's lost request
+    that HAProxy never logged (a request that was not the first on the client's keep-alive
+    connection: HAProxy closes that connection without a response or a log line so that the
+    client may retry) is counted here all the same, as a session that got no response."""
+
+    def delta(key: str) -> int:
+        return int(after.get(key) or 0) - int(before.get(key) or 0)
+
+    in_flight = int(before.get("scur") or 0)
+    # Connection attempts count as sessions; those refused and then retried or resent
+    # elsewhere (wretr, wredis) or given up on (econ) never reached it.
+    accepted = delta("stot") - delta("econ") - delta("wretr") - delta("wredis")
+    answered = sum(delta(f"hrsp_{kind}") for kind in ("1xx", "2xx", "3xx", "4xx", "5xx", "other"))
+    return {
+        "in_flight_at_kill": in_flight,
+        "accepted_after_kill": accepted,
+        "held": in_flight + accepted,
+        "lost_per_balancer": in_flight + accepted - answered - int(after.get("scur") or 0),
+    }
+
+
+def _keda_values(prom: Prometheus, triggers: Sequence[Trigger]) -> list[float]:
+    return [prom.scalar(trigger.query) or 0.0 for trigger in triggers]
 
 
 def rehearse(
@@ -412,11 +470,13 @@ def rehearse(
     after_term_s: float = 5.0,
     after_kill_s: float = 8.0,
     burst_users: int = 128,
-    burst_s: float = 30.0,
+    burst_s: float = 40.0,
     rest_timeout_s: float = 120.0,
+    resend_taken: bool = False,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the whole rehearsal in ``folder``; return its report (see the module docstring)."""
+    """Run the whole rehearsal in ``folder``; return its report (see the module docstring).
+    ``resend_taken``: the balancer also resends what a replica took and dropped (L7 retries)."""
     ship = shipped()
     env = {
         **ship.env,
@@ -436,13 +496,20 @@ def rehearse(
     placeholder.bind(("127.0.0.1", ports["surge"]))
     report: dict[str, Any] = {
         "users": users,
+        "balancer_resends_taken_requests": resend_taken,
         "replicas": 3,
         "config": env,
         "readiness_probe": ship.readiness,
         "keda": {
-            "query": ship.query,
-            "threshold": ship.threshold,
-            "activation": ship.activation,
+            "triggers": [
+                {
+                    "name": t.name,
+                    "query": t.query,
+                    "threshold": t.threshold,
+                    "activation": t.activation,
+                }
+                for t in ship.triggers
+            ],
             "min": ship.min_replicas,
             "max": ship.max_replicas,
         },
@@ -451,7 +518,7 @@ def rehearse(
         stack.callback(placeholder.close)
         say(f"starting 3 replicas ({env['VIT_WORKERS']} worker each) ...")
         servers = _start(names[:3], ports, env, folder, stack)
-        balancer = stack.enter_context(run_haproxy(ports, folder, ship.readiness))
+        balancer = stack.enter_context(run_haproxy(ports, folder, ship.readiness, resend_taken))
         _wait("the balancer sees r0-r2 up and the empty surge slot down",
               lambda: all(balancer.latest.get(n, {}).get("status") == "UP" for n in names[:3])
               and balancer.latest.get("surge", {}).get("status", "").startswith("DOWN"),
@@ -460,7 +527,7 @@ def rehearse(
             [f"127.0.0.1:{port}" for port in ports.values()], folder, job=JOB, rule_files=(),
             labels={"service": SERVICE_LABEL},
         ))  # fmt: skip
-        rest_before = _keda_value(prom, ship.query)
+        rest_before = _keda_values(prom, ship.triggers)
         load_from = time.time()
         with run_locust(balancer.url, users, folder) as log:
             time.sleep(warm_s)
@@ -479,33 +546,39 @@ def rehearse(
             time.sleep(after_term_s)
 
             # A crash: r1's processes are all killed at once, as the kernel kills a container.
-            # In flight on r1 as it dies: the balancer's sessions on it (one per request in
-            # flight: http-server-close leaves no idle ones), at most, from just before the
-            # kill until its processes are gone (the kernel tears a process's memory down before
-            # its sockets: requests sent meanwhile are accepted, then lost with it).
-            in_flight = int(balancer.stat()["r1"]["scur"])
+            # What it held as it died, from the balancer's counters for it (one snapshot just
+            # before the kill, one once it is marked down and its last session is over): its
+            # sessions at the kill (one per request: http-server-close leaves no idle ones)
+            # plus the connections it still accepted after (the kernel tears a process's memory
+            # down before its sockets), less those refused (resent elsewhere).
+            before_kill = balancer.stat()["r1"]
             killed = time.time()
             dying = _kill_pod(servers["r1"].process.pid)
             while any(map(_alive, dying)):
-                in_flight = max(in_flight, int(balancer.stat()["r1"]["scur"]))
+                time.sleep(0.005)
             servers["r1"].process.wait(timeout=10)
-            in_flight = max(in_flight, int(balancer.stat()["r1"]["scur"]))
             marked_down = _wait("the balancer marks r1 down",
                                 lambda: balancer.status("r1") != "UP", 60)  # fmt: skip
+            _wait("the balancer's last session on r1 ends",
+                  lambda: int(balancer.stat()["r1"]["scur"]) == 0, 30)  # fmt: skip
+            after_kill = balancer.stat()["r1"]
             time.sleep(after_kill_s)
 
-            # More load than the two replicas left can batch: the scaling query must rise.
+            # More load than the two replicas left can batch: the scaling queries must rise.
             burst_from = time.time()
             with run_locust(balancer.url, burst_users, folder, "burst") as burst_log:
                 time.sleep(burst_s)
-            under_load = _keda_value(prom, ship.query)
+            under_load = _keda_values(prom, ship.triggers)
             load_to = time.time()
         stopped = time.time()
-        peak = max((float(v) for _, v in _range(prom, ship.query, load_from, load_to)), default=0.0)
+        peak = [
+            max((float(v) for _, v in _range(prom, t.query, load_from, load_to)), default=0.0)
+            for t in ship.triggers
+        ]
         rest_value, rest_at = under_load, stopped
         while time.time() < stopped + rest_timeout_s:
-            rest_value, rest_at = _keda_value(prom, ship.query), time.time()
-            if rest_value <= ship.activation:
+            rest_value, rest_at = _keda_values(prom, ship.triggers), time.time()
+            if all(v <= t.activation for v, t in zip(rest_value, ship.triggers, strict=True)):
                 break
             time.sleep(2)
         counters = balancer.stat()
@@ -521,12 +594,12 @@ def rehearse(
     r0_down = balancer.went("r0", "DOWN", terminated)
     term_window = [r for r in requests if r.failed and terminated - 1 <= r.end <= r0_exited + 1]
     # The crash's failures: those sent before the kill and unanswered at it, and those sent
-    # after it that the dying replica still took (while its memory was torn down; its sockets
-    # close last). All count against what it held as it died (``in_flight``).
+    # after it that the dying replica still took. All count against what it held (``held``).
     in_flight_failed = [r for r in requests if r.failed and r.start < killed <= r.end + 0.001]
     after_failed = [r for r in requests if r.failed and r.start >= killed]
     kill_window = in_flight_failed + after_failed
     others = [r for r in requests if r.failed and r not in kill_window and r not in term_window]
+    held = _held(before_kill, after_kill)
     refused = [r for r in requests if r.refused]
     r1 = counters["r1"]
     last_failure = max((r.end for r in requests if r.failed and r.end >= killed), default=None)
@@ -547,7 +620,12 @@ def rehearse(
                 "balancer_requests": int(counters[name]["stot"]),
                 "balancer_2xx": int(counters[name]["hrsp_2xx"]),
                 "balancer_5xx": int(counters[name]["hrsp_5xx"]),
-                "balancer_log_200": sum(r.server == name and r.answered for r in routed),
+                # Every 200 the replica sent, as logged; a few of them the client had given up
+                # on (locust stopping its users mid-request), counted apart.
+                "balancer_log_200": sum(r.server == name and r.status == 200 for r in routed),
+                "balancer_log_200_client_gone": sum(
+                    r.server == name and r.status == 200 and not r.answered for r in routed
+                ),
                 "own_metrics_200": next(
                     (
                         int(v)
@@ -568,7 +646,7 @@ def rehearse(
             "failed_requests": len(term_window),
         },
         "sigkill": {
-            "in_flight_at_kill": in_flight,
+            **held,
             "failed_sent_before_kill": len(in_flight_failed),
             "failed_sent_after_kill": len(after_failed),
             "resent_elsewhere": sum(r.retries.startswith("+") for r in routed if r.end >= killed),
@@ -576,7 +654,16 @@ def rehearse(
             "failures_outside_kill": len(others),
             "balancer_counted_on_it": {
                 key: int(r1.get(key) or 0)
-                for key in ("srv_abrt", "cli_abrt", "eresp", "econ", "hrsp_5xx", "wretr", "wredis")
+                for key in (
+                    "stot",
+                    "srv_abrt",
+                    "cli_abrt",
+                    "eresp",
+                    "econ",
+                    "hrsp_5xx",
+                    "wretr",
+                    "wredis",
+                )
             },
             "balancer_marked_down_after_s": round(marked_down - killed, 2),
             "last_failure_after_s": None
@@ -626,6 +713,12 @@ def _range(prom: Prometheus, query: str, start: float, end: float) -> list[tuple
 def summary(report: dict[str, Any]) -> str:
     """The report as the lines a person reads."""
     keda, scaling = report["keda"], report["scaling"]
+
+    def values(key: str) -> str:
+        return ", ".join(
+            f"{t['name']} {v:.1f}" for t, v in zip(keda["triggers"], scaling[key], strict=True)
+        )
+
     lines = [
         f"{report['replicas']} replicas + 1 surge behind HAProxy, {report['users']} locust users: "
         f"{report['requests']['ok']} ok, {report['requests']['failed']} failed "
@@ -639,20 +732,24 @@ def summary(report: dict[str, Any]) -> str:
         "down after {balancer_marked_down_after_s} s, failed requests {failed_requests}".format(
             **report["sigterm"]
         ),
-        "SIGKILL (crash): at most {in_flight_at_kill} in flight on it as it died; "
-        "{failed_requests} failed ({failed_sent_before_kill} sent before the kill, "
-        "{failed_sent_after_kill} after); {resent_elsewhere} refused and resent elsewhere; "
+        "SIGKILL (crash): it held {held} ({in_flight_at_kill} in flight at the kill, "
+        "{accepted_after_kill} accepted after it), {lost_per_balancer} unanswered per the "
+        "balancer; clients: {failed_requests} failed ({failed_sent_before_kill} sent before "
+        "the kill, {failed_sent_after_kill} after); {resent_elsewhere} resent elsewhere; "
         "balancer marked it down after {balancer_marked_down_after_s} s, last failure "
         "{last_failure_after_s} s after the kill, failures elsewhere "
         "{failures_outside_kill}".format(**report["sigkill"]),
         "burst of {users} more users for {seconds:g} s: {ok} ok, {refused_overloaded} refused "
         "(503 overloaded, Retry-After), {failed} failed".format(**report["burst"]),
-        f"KEDA query {keda['query']} (threshold {keda['threshold']:g}): at rest "
-        f"{scaling['at_rest_before']:.1f} -> replicas {scaling['replicas_at_rest_before']}; "
-        f"under load peak {scaling['under_load_peak']:.1f} -> replicas "
-        f"{scaling['replicas_under_load_peak']}; at rest after {scaling['fell_after_s']} s "
-        f"{scaling['at_rest_after']:.1f} -> replicas {scaling['replicas_at_rest_after']} "
-        f"(replicas = clamp(ceil(value / {keda['threshold']:g}), {keda['min']}, {keda['max']}))",
+        "KEDA triggers: "
+        + "; ".join(
+            f"{t['name']} {t['query']} (threshold {t['threshold']:g})" for t in keda["triggers"]
+        )
+        + f"; at rest {values('at_rest_before')} -> replicas "
+        f"{scaling['replicas_at_rest_before']}; under load peak {values('under_load_peak')} -> "
+        f"replicas {scaling['replicas_under_load_peak']}; at rest after {scaling['fell_after_s']}"
+        f" s {values('at_rest_after')} -> replicas {scaling['replicas_at_rest_after']} "
+        f"(replicas = clamp(max ceil(value / threshold), {keda['min']}, {keda['max']}))",
     ]
     return "\n".join(lines)
 
@@ -660,6 +757,11 @@ def summary(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=128)
+    parser.add_argument(
+        "--resend-taken",
+        action="store_true",
+        help="the balancer also resends requests a replica took and dropped (L7 retries)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "results" / "rehearsal.json")
     parser.add_argument("--work", type=Path, default=None, help="folder for logs (a temp one)")
     args = parser.parse_args()
@@ -668,7 +770,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vit-rehearsal-") as tmp:
         folder = args.work or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        report = rehearse(folder, users=args.users)
+        report = rehearse(folder, users=args.users, resend_taken=args.resend_taken)
     print(summary(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -164,22 +164,44 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def stop_with_parent() -> bool:
-    """A worker: get SIGTERM (and so drain) when the arbiter dies (Linux ``PR_SET_PDEATHSIG``).
+    """A worker: drain, as on SIGTERM, when the arbiter dies (Linux ``PR_SET_PDEATHSIG``).
 
     BentoML starts each worker in a session of its own, so a SIGKILL of ``bentoml serve`` alone
     (``kill -9``, a supervisor killing one pid) used to leave its workers serving, orphaned, on
     the port (with ``SO_REUSEPORT``, beside the next server started there). Inside a container the
-    kernel kills them all anyway. Returns whether the request took (Linux only)."""
+    kernel kills them all anyway. Returns whether the request took (Linux only).
+
+    The kernel sends the parent-death signal each time the thread the worker counts as its
+    parent exits: a dying arbiter's threads exit one by one, so it comes several times (tens of
+    milliseconds apart, seen here). Sent as SIGTERM, the second would count as "stop now" and cut
+    the drain short; so it comes as SIGHUP ("the controlling process died"), and the first one
+    becomes a single SIGTERM to this process.
+    """
     import ctypes
     import ctypes.util
 
     if sys.platform != "linux":
         return False
+    signal.signal(signal.SIGHUP, _parent_died)  # before the prctl: SIGHUP's default kills
+    parent = os.getppid()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return int(libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)) == 0
+        took = int(libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGHUP), 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return False
+    if took and os.getppid() != parent:  # it died just before the prctl: no signal will come
+        _parent_died(signal.SIGHUP, None)
+    return took
+
+
+_PARENT_GONE = False
+
+
+def _parent_died(_sig: int, _frame: Any) -> None:
+    global _PARENT_GONE
+    if not _PARENT_GONE:
+        _PARENT_GONE = True
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 # --- the server: when to stop admitting, and how ----------------------------------------------

@@ -6,6 +6,13 @@ config (timm's eval transform: shorter side to ``input/crop_pct``, center crop),
 sent through the model once. Attention is captured only where the batch needs it: a block whose
 weights are wanted runs timm's explicit softmax path for that call, every other block keeps the
 fused kernel.
+
+With ``script=True`` (the service's default, ``VIT_TORCHSCRIPT``), a float32 model on the CPU
+runs as frozen TorchScript graphs, one per set of captured blocks, traced from the eager model
+on first use (the warm-up traces the three). An eager forward pass releases and retakes the GIL
+at every op, and each retake waits behind any thread running Python (the event loop, under
+load) for up to the switch interval; a graph runs all its ops without the GIL and retakes it
+once (``loadtests/gil_contention.py``).
 """
 
 from __future__ import annotations
@@ -80,7 +87,7 @@ def rollout(layers: Sequence[torch.Tensor], query: torch.Tensor) -> torch.Tensor
 class Engine:
     """Runs batches of decoded images through one loaded ViT."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, *, script: bool = False) -> None:
         self.model = loaded.model
         self.info = loaded.info
         self.device = next(self.model.parameters()).device
@@ -96,6 +103,8 @@ class Engine:
         self._wanted = [False] * len(self._blocks)
         for index, block in enumerate(self._blocks):
             block.attn.attn_drop.register_forward_hook(self._make_hook(index))
+        self._script = script and self.device.type == "cpu" and self.dtype == torch.float32
+        self._graphs: dict[tuple[int, ...], Any] = {}
 
     def _make_hook(self, index: int) -> Any:
         def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
@@ -208,6 +217,48 @@ class Engine:
         return (resized * self._scale + self._shift).to(self.dtype)
 
     def _forward(self, batch: torch.Tensor, wanted: list[int]) -> torch.Tensor:
+        if self._script:
+            graph = self._graphs.get(tuple(wanted))
+            if graph is None:
+                graph = self._trace(batch, wanted)
+            if graph is not None:
+                logits, *captured = graph(batch)
+                for index, weights in zip(wanted, captured, strict=True):
+                    self._capture[index] = weights
+                return logits
+        return self._eager(batch, wanted)
+
+    def _trace(self, batch: torch.Tensor, wanted: list[int]) -> Any:
+        """Trace, freeze and optimize the forward pass that captures ``wanted`` blocks."""
+        engine = self
+
+        class Captured(torch.nn.Module):
+            def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                logits = engine._eager(x, wanted)
+                captured = [engine._capture[i] for i in wanted]
+                return (logits, *(c for c in captured if c is not None))
+
+        started = time.perf_counter()
+        try:
+            traced = torch.jit.trace(Captured(), batch, check_trace=False)
+            graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        except Exception:  # an architecture TorchScript cannot take: run it eagerly
+            _logger.warning(
+                "cannot run the model as TorchScript; running it eagerly", exc_info=True
+            )
+            self._script = False
+            return None
+        finally:
+            self._capture = [None] * len(self._blocks)
+        self._graphs[tuple(wanted)] = graph
+        _logger.info(
+            "traced the forward pass capturing %d block(s) in %.0f ms",
+            len(wanted),
+            (time.perf_counter() - started) * 1e3,
+        )
+        return graph
+
+    def _eager(self, batch: torch.Tensor, wanted: list[int]) -> torch.Tensor:
         fused = [block.attn.fused_attn for block in self._blocks]
         for index in wanted:
             self._wanted[index] = True
@@ -254,6 +305,7 @@ class Engine:
         images = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8)] * batch_size
         started = time.perf_counter()
         self.run(images, ["rollout"] * batch_size)
+        self.run(images[:1], ["cls"])
         self.run(images[:1], ["none"])
         return (time.perf_counter() - started) * 1e3
 

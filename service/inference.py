@@ -150,7 +150,7 @@ class ModelRunner:
             with contextlib.suppress(RuntimeError):  # only settable before any parallel work
                 torch.set_num_interop_threads(1)
             loaded = load_model(settings.model, device=self.device, dtype=settings.dtype)
-            engine = Engine(loaded)
+            engine = Engine(loaded, script=settings.torchscript)
             self.warmup_ms = engine.warmup(settings.max_batch_size)
         except Exception as exc:
             message = str(exc)

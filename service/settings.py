@@ -167,6 +167,13 @@ class Settings(BaseSettings):
     max_aspect_ratio: float = Field(20.0, ge=1.0, description="Widest aspect ratio accepted.")
     default_top_k: int = Field(5, ge=1, description="top_k when the request gives none.")
     default_attention: AttentionMode = Field("cls", description="Attention mode by default.")
+    torchscript: bool = Field(
+        True,
+        description=(
+            "Run a float32 model on the CPU as frozen TorchScript graphs (traced at warm-up), "
+            "so a forward pass does not wait for the GIL at every op."
+        ),
+    )
 
     @field_validator("device")
     @classmethod

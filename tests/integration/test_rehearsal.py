@@ -18,7 +18,7 @@ from loadtests.rehearsal import rehearse, shipped, summary
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("rehearsal")
     result = rehearse(
-        folder, users=128, warm_s=12.0, after_term_s=3.0, after_kill_s=5.0, burst_s=25.0
+        folder, users=128, warm_s=12.0, after_term_s=3.0, after_kill_s=5.0, burst_s=40.0
     )
     print("\n" + summary(result))
     (folder / "report.json").write_text(json.dumps(result, indent=2))
@@ -31,7 +31,7 @@ def test_it_runs_the_shipped_configuration(report: dict[str, Any]) -> None:
         if key not in ("VIT_WORKERS", "VIT_TORCH_THREADS", "VIT_ACCESS_LOG"):  # 4 pods, 2 cores
             assert report["config"][key] == value
     assert report["readiness_probe"]["httpGet"]["path"] == "/readyz"
-    assert report["keda"]["query"] == ship.query
+    assert [t["query"] for t in report["keda"]["triggers"]] == [t.query for t in ship.triggers]
 
 
 def test_every_replica_served_and_counted_exactly(report: dict[str, Any]) -> None:
@@ -39,8 +39,13 @@ def test_every_replica_served_and_counted_exactly(report: dict[str, Any]) -> Non
     assert report["requests"]["ok"] > 1000
     for name, row in rows.items():
         assert row["balancer_2xx"] > 0, name  # the surge replica too, once ready
-        assert row["balancer_5xx"] == 0, name
-        assert row["balancer_log_200"] == row["balancer_2xx"], name
+        assert row["balancer_log_200"] <= row["balancer_2xx"], name
+    # The balancer's log has every 200 its counters have, but for lines it says it dropped.
+    unlogged = sum(row["balancer_2xx"] - row["balancer_log_200"] for row in rows.values())
+    assert unlogged <= report["balancer_dropped_log_lines"]
+    # Its only 5xx: the burst's refusals (503 overloaded), each one a client was told.
+    refused = report["requests"]["refused_overloaded"] + report["burst"]["refused_overloaded"]
+    assert sum(row["balancer_5xx"] for row in rows.values()) == refused
     # Each live or drained replica's own counter matches what the balancer got from it; the
     # killed one's last scrape may precede its last answers.
     for name in ("r0", "r2", "surge"):
@@ -65,13 +70,16 @@ def test_a_crash_fails_only_what_was_in_flight_and_is_routed_around(
     report: dict[str, Any],
 ) -> None:
     kill = report["sigkill"]
-    # Lost: only requests around the kill (none before, none once the balancer had marked it
-    # down); connections it refused were resent elsewhere. How many, against what the replica
-    # held, is printed, not asserted: the balancer's sampled sessions undercount what it held,
-    # and some clients lose a request the balancer never logged (see loadtests/rehearsal.py).
+    # Lost: only requests the replica held as it died (in flight at the kill, or accepted by its
+    # still-open socket while the kernel tore it down), by the balancer's counters for it; none
+    # before the kill, none elsewhere; connections it refused were resent elsewhere.
     assert kill["failures_outside_kill"] == 0
     assert report["requests"]["failed"] == kill["failed_requests"]
-    assert kill["failed_requests"] <= report["users"]  # at most one per client
+    assert kill["failed_requests"] <= kill["held"]
+    # Each request the balancer saw go unanswered on it failed at its client (some the
+    # balancer never logged: see loadtests/rehearsal.py); a client can also lose one whose
+    # answer the replica had begun to send as it died.
+    assert kill["lost_per_balancer"] <= kill["failed_requests"]
     probe = report["readiness_probe"]
     detect_s = probe["periodSeconds"] * probe.get("failureThreshold", 3)
     assert kill["balancer_marked_down_after_s"] <= detect_s + 0.5
@@ -86,9 +94,14 @@ def test_overload_is_refused_not_failed(report: dict[str, Any]) -> None:
     assert burst["main_users_refused_before_burst"] == 0  # no refusal before the burst
 
 
-def test_the_keda_query_rises_under_load_and_falls_at_rest(report: dict[str, Any]) -> None:
+def test_the_keda_queries_rise_under_load_and_fall_at_rest(report: dict[str, Any]) -> None:
     scaling, keda = report["scaling"], report["keda"]
-    assert scaling["at_rest_before"] <= keda["activation"]
-    assert scaling["under_load_peak"] > keda["threshold"]
-    assert scaling["at_rest_after"] <= keda["activation"]
+    triggers = keda["triggers"]
+    for key in ("at_rest_before", "at_rest_after"):
+        assert all(v <= t["activation"] for v, t in zip(scaling[key], triggers, strict=True)), key
+    # Under the load one signal at least is past its target. (How many replicas KEDA then asks
+    # for is printed: locust shares the two cores, and cannot load two replicas much past it.)
+    assert any(
+        v > t["threshold"] for v, t in zip(scaling["under_load_peak"], triggers, strict=True)
+    )
     assert scaling["replicas_at_rest_after"] == keda["min"]

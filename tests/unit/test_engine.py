@@ -14,6 +14,7 @@ from timm.data import create_transform, resolve_model_data_config
 from service.engine import Engine, rollout
 from service.explain import crop_window
 from service.loading import LoadedModel, load_model
+from tests.conftest import REPO
 from tests.utils import make_tiny_dir
 
 RNG = np.random.default_rng(0)
@@ -243,3 +244,64 @@ def test_out_of_memory_splits_the_batch(engine: Engine, monkeypatch: pytest.Monk
     expected = real(images, ["cls"] * 5).items
     for got, want in zip(result.items, expected, strict=True):
         np.testing.assert_allclose(got.probs, want.probs, atol=1e-5)
+
+
+# --- TorchScript ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def default_model_engines() -> tuple[Engine, Engine]:
+    source = f"local-dir:{REPO / 'models' / 'vit-digits'}"
+    eager = Engine(load_model(source, device="cpu", dtype="float32"))
+    scripted = Engine(load_model(source, device="cpu", dtype="float32"), script=True)
+    return eager, scripted
+
+
+@pytest.mark.parametrize("size", [1, 5, 16])
+def test_torchscript_answers_as_the_eager_model(
+    default_model_engines: tuple[Engine, Engine], size: int
+) -> None:
+    eager, scripted = default_model_engines
+    rng = np.random.default_rng(size)
+    images = [
+        rng.integers(0, 256, (20 + 7 * i, 30 + 3 * i, 3), dtype=np.uint8) for i in range(size)
+    ]
+    for modes in (
+        ["none"] * size,
+        ["cls"] * size,
+        [("none", "cls", "rollout")[i % 3] for i in range(size)],
+    ):
+        want = eager.run(images, modes).items  # type: ignore[arg-type]
+        got = scripted.run(images, modes).items  # type: ignore[arg-type]
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_allclose(b.probs, a.probs, atol=1e-5)
+            if a.attention is None:
+                assert b.attention is None
+            else:
+                np.testing.assert_allclose(b.attention, a.attention, atol=1e-5)
+    # One graph per set of captured blocks: none, the last one, all of them.
+    depth = len(scripted.model.blocks)  # type: ignore[arg-type]
+    assert set(scripted._graphs) <= {(), (depth - 1,), tuple(range(depth))}
+    assert () in scripted._graphs and (depth - 1,) in scripted._graphs
+
+
+def test_a_model_torchscript_cannot_take_runs_eagerly(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("cannot trace this")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    scripted = Engine(tiny, script=True)
+    image = np.full((40, 40, 3), 128, dtype=np.uint8)
+    with caplog.at_level("WARNING"):
+        result = scripted.run([image], ["cls"]).items[0]
+    assert "running it eagerly" in caplog.text
+    assert result.attention is not None and not scripted._graphs
+    np.testing.assert_allclose(
+        result.probs, Engine(tiny).run([image], ["cls"]).items[0].probs, atol=1e-6
+    )
+
+
+def test_only_a_float32_cpu_model_is_scripted(tiny: LoadedModel) -> None:
+    bf16 = load_model(f"local-dir:{REPO / 'models' / 'vit-digits'}", device="cpu", dtype="bfloat16")
+    assert not Engine(bf16, script=True)._script
+    assert Engine(tiny, script=True)._script

@@ -192,9 +192,10 @@ def test_keda_scales_on_our_queue_and_the_hpa_alternative_on_cpu() -> None:
     scaled = _by_kind(objects, "ScaledObject")
     deployment = _by_kind(objects, "Deployment")
     assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "prometheus"
-    assert "vit_queue_images" in trigger["metadata"]["query"]
+    queue, in_flight = scaled["spec"]["triggers"]
+    assert queue["type"] == in_flight["type"] == "prometheus"
+    assert "vit_queue_images" in queue["metadata"]["query"]
+    assert "vit_inflight_requests" in in_flight["metadata"]["query"]
     monitor = _by_kind(objects, "ServiceMonitor")
     service = _by_kind(objects, "Service")
     labels = service["metadata"]["labels"]

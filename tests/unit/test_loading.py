@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from service import loading
 from service.loading import (
     ModelLoadError,
     load_model,
@@ -316,3 +317,18 @@ def test_dtype_resolution() -> None:
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     has_amx = "amx_bf16" in Path("/proc/cpuinfo").read_text()
     assert resolve_dtype("auto", cpu) == (torch.bfloat16 if has_amx else torch.float32)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_picks_bf16_on_amx_only_for_models_wide_enough(
+    monkeypatch: pytest.MonkeyPatch, amx: bool
+) -> None:
+    monkeypatch.setattr(loading, "_cpu_has_amx", lambda: amx)
+    cpu = torch.device("cpu")
+    wide = torch.bfloat16 if amx else torch.float32
+    assert resolve_dtype("auto", cpu, width=loading.AMX_MIN_WIDTH) == wide
+    assert resolve_dtype("auto", cpu, width=384) == wide
+    assert resolve_dtype("auto", cpu, width=64) == torch.float32  # the default model's width
+    assert resolve_dtype("bfloat16", cpu, width=64) == torch.bfloat16  # asked for: given
+    # The default model loads as float32 whatever the CPU.
+    assert load_model(f"local-dir:{REPO / 'models' / 'vit-digits'}").info.dtype == "float32"

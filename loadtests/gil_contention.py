@@ -1,0 +1,104 @@
+"""How much a busy Python thread slows the model's forward pass in the same process.
+
+    python -m loadtests.gil_contention --out results/gil_contention.json
+
+A worker runs its event loop and its model thread in one process. Each eager PyTorch op releases
+the GIL and takes it back; while another thread runs Python (the event loop parsing and refusing
+requests under overload), taking it back waits for that thread's switch interval (5 ms by
+default), once per op. A traced, frozen graph (TorchScript) runs all its ops without the GIL and
+takes it back once per call. This measures forward passes per second of the default model
+(batch 8, one torch thread), alone and beside a thread spinning in Python, for eager and frozen
+TorchScript, at the default switch interval and at 0.5 ms. It is the worst case (the event loop
+also waits on sockets, releasing the GIL), and it is why goodput falls under overload
+(docs/BENCHMARKS.md, "Overload").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loadtests.serving import REPO
+from service.loading import load_model
+
+__all__ = ["main"]
+
+
+def _rate(
+    forward: Callable[[torch.Tensor], Any], x: torch.Tensor, seconds: float, busy: bool
+) -> float:
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(200))  # pure Python, as an event loop parsing requests
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    if busy:
+        spinner.start()
+    calls, end = 0, time.perf_counter() + seconds
+    with torch.inference_mode():
+        while time.perf_counter() < end:
+            forward(x)
+            calls += 1
+    stop.set()
+    if busy:
+        spinner.join()
+    return calls / seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "gil_contention.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    loaded = load_model(
+        f"local-dir:{REPO / 'models' / 'vit-digits'}", device="cpu", dtype="float32"
+    )
+    model = loaded.model.eval()
+    _, height, width = loaded.info.input_size
+    x = torch.randn(args.batch, 3, height, width)
+    with torch.inference_mode():
+        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x)))
+        for _ in range(5):
+            model(x)
+            frozen(x)
+    default_interval = sys.getswitchinterval()
+    rows = []
+    for interval in (default_interval, 0.0005):
+        sys.setswitchinterval(interval)
+        for name, forward in (("eager", model), ("frozen TorchScript", frozen)):
+            alone = _rate(forward, x, args.seconds, busy=False)
+            beside = _rate(forward, x, args.seconds, busy=True)
+            row = {
+                "forward": name,
+                "switch_interval_ms": interval * 1e3,
+                "alone_per_s": round(alone, 1),
+                "beside_busy_thread_per_s": round(beside, 1),
+                "ratio": round(beside / alone, 3),
+            }
+            rows.append(row)
+            print(
+                f"{name:>18}, switch interval {interval * 1e3:g} ms: alone {alone:.0f}/s, "
+                f"beside a busy Python thread {beside:.0f}/s ({beside / alone:.2f})",
+                flush=True,
+            )
+    sys.setswitchinterval(default_interval)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"batch": args.batch, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

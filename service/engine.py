@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -240,8 +241,15 @@ class Engine:
 
         started = time.perf_counter()
         try:
-            traced = torch.jit.trace(Captured(), batch, check_trace=False)
-            graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+            with warnings.catch_warnings():
+                # TorchScript's deprecation notice (its successor, torch.compile, needs a C++
+                # compiler in the image at run time), and timm's shape asserts traced as
+                # constants: the input size is fixed by preprocessing, the batch size stays
+                # free (tests/unit/test_engine.py checks sizes 1 to 16 against eager).
+                warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                traced = torch.jit.trace(Captured(), batch, check_trace=False)
+                graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         except Exception:  # an architecture TorchScript cannot take: run it eagerly
             _logger.warning(
                 "cannot run the model as TorchScript; running it eagerly", exc_info=True

@@ -26,7 +26,10 @@ TIMEOUT_S = 20
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    env = {**SPLIT_ENV, "VIT_REQUEST_TIMEOUT_S": str(TIMEOUT_S)}
+    # The eager model here: the batching test needs forward passes slow enough for requests to
+    # queue behind (a TorchScript graph runs a batch of 32 in a few milliseconds), and the
+    # answers test then checks the split eager model against the scripted single process.
+    env = {**SPLIT_ENV, "VIT_REQUEST_TIMEOUT_S": str(TIMEOUT_S), "VIT_TORCHSCRIPT": "false"}
     with serve(env, tmp_path_factory.mktemp("split")) as running:
         yield running
 
@@ -91,19 +94,21 @@ def _clients_on_both_workers(url: str) -> tuple[httpx.Client, httpx.Client]:
 def test_requests_from_two_http_workers_ride_in_one_batch(split: Server) -> None:
     first, second = _clients_on_both_workers(split.url)
     images = [("images", (f"{i}.png", digit(i, 64, False))) for i in range(8)]
-    blocker = [("images", (f"b{i}.png", digit(i, 96, False))) for i in range(32)]
+    blocker = [("images", (f"b{i}.png", digit(i, 256, False))) for i in range(32)]
 
     async def once() -> tuple[int, int]:
         async with (
             httpx.AsyncClient(timeout=TIMEOUT_S) as busy,
         ):
-            # Keep the model busy with a full batch so both requests queue behind it.
+            # Keep the model busy with a full batch of large images (their resize runs in the
+            # model process) so both requests queue behind it: sent once the blocker has been
+            # decoded and is in the model.
             hold = asyncio.ensure_future(
                 busy.post(
                     f"{split.url}/classify_batch", files=blocker, data={"attention": "rollout"}
                 )
             )
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
             a, b = await asyncio.gather(
                 asyncio.to_thread(first.post, f"{split.url}/classify_batch", files=images),
                 asyncio.to_thread(second.post, f"{split.url}/classify_batch", files=images),

@@ -188,7 +188,6 @@ def load_model(
     """
     kind, location, arch = parse_source(source)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
     name = {"local-dir": Path(location).name, "file": Path(location).stem}.get(kind, location)
     if kind == "bento":
         location = str(_bento_model_path(location))

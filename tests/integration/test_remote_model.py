@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import psutil
 import pytest
 from pydantic import ValidationError
@@ -33,6 +32,7 @@ from loadtests.samples import digit
 from loadtests.serving import Server, free_port, scrape, serve, serve_model
 from service.settings import Settings
 from service.topology import make_plan
+from tests.utils import assert_same_answer
 
 TIMEOUT_S = 20
 # The model tier as the overlay runs it: nothing to drain for on its HTTP port (no load
@@ -159,16 +159,7 @@ def test_the_front_answers_what_one_server_answers(server: Server, remote: _Tier
             split = _classify(client, front.url, data, attention="rollout")
             assert plain.status_code == split.status_code == 200, (plain.text, split.text)
             one, two = plain.json(), split.json()
-            assert one["image"]["sha256"] == two["image"]["sha256"]
-            assert one["predictions"][0]["index"] == two["predictions"][0]["index"]
-            np.testing.assert_allclose(
-                [p["score"] for p in one["predictions"]],
-                [p["score"] for p in two["predictions"]],
-                atol=1e-5,
-            )
-            np.testing.assert_allclose(
-                one["attention"]["weights"], two["attention"]["weights"], atol=1e-5
-            )
+            assert_same_answer(one, two)
     # The forward passes ran in the model server, and the hop was timed in the front.
     assert _forward_passes(model) > before
     assert scrape(front.url)['vit_stage_duration_seconds_count{stage="transport"}'] > 0

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
 from loadtests.samples import digit
 from loadtests.serving import Server, serve
+from tests.utils import assert_same_answer
 
 SPLIT_ENV = {"VIT_TOPOLOGY": "split", "VIT_WORKERS": "2", "VIT_ACCESS_LOG": "false"}
 TIMEOUT_S = 20
@@ -132,16 +132,7 @@ def test_split_answers_match_the_single_process_answers(server: Server, split: S
             data = digit(index, 64 + 8 * (index % 3), index % 2 == 1)
             one = _classify(client, server.url, data, attention="rollout").json()
             two = _classify(client, split.url, data, attention="rollout").json()
-            assert one["image"]["sha256"] == two["image"]["sha256"]
-            assert one["predictions"][0]["index"] == two["predictions"][0]["index"]
-            np.testing.assert_allclose(
-                [p["score"] for p in one["predictions"]],
-                [p["score"] for p in two["predictions"]],
-                atol=1e-5,
-            )
-            np.testing.assert_allclose(
-                one["attention"]["weights"], two["attention"]["weights"], atol=1e-5
-            )
+            assert_same_answer(one, two)
 
 
 def test_killing_the_model_process_mid_load_fails_fast_and_recovers(

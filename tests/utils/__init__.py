@@ -74,3 +74,16 @@ def encode(array: np.ndarray, fmt: str = "PNG", **save_args: Any) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=fmt, **save_args)
     return buffer.getvalue()
+
+
+def assert_same_answer(one: dict[str, Any], two: dict[str, Any], atol: float = 1e-5) -> None:
+    """Two servers' /classify answers for one image: same image, same top class, scores and
+    attention weights within ``atol``."""
+    assert one["image"]["sha256"] == two["image"]["sha256"]
+    assert one["predictions"][0]["index"] == two["predictions"][0]["index"]
+    np.testing.assert_allclose(
+        [p["score"] for p in one["predictions"]],
+        [p["score"] for p in two["predictions"]],
+        atol=atol,
+    )
+    np.testing.assert_allclose(one["attention"]["weights"], two["attention"]["weights"], atol=atol)

@@ -11,6 +11,11 @@ takes it back once per call. This measures forward passes per second of the defa
 TorchScript, at the default switch interval and at 0.5 ms. It is the worst case (the event loop
 also waits on sockets, releasing the GIL), and it is why goodput falls under overload
 (docs/BENCHMARKS.md, "Overload").
+
+The same wait hits the event loop from the other side: any call that releases the GIL, however
+short, waits to get it back while the decode or model thread holds it. Second table: the cost
+of the event loop's per-request calls beside a spinning thread, with the replacements the
+service uses (``random`` for request ids, ``heapq.nlargest`` on a list for the top classes).
 """
 
 from __future__ import annotations
@@ -55,6 +60,59 @@ def _rate(
     return calls / seconds
 
 
+def event_loop_calls(seconds: float) -> list[dict[str, Any]]:
+    """Microseconds per call, alone and beside a thread spinning in Python, of the calls a
+    request once made on the event loop and the ones that replaced them."""
+    import os
+    import random
+
+    import numpy as np
+
+    from service.explain import top_k
+
+    rng = np.random.default_rng(0)
+    ten, thousand = rng.random(10, dtype=np.float32), rng.random(1000, dtype=np.float32)
+    labels = tuple(str(i) for i in range(1000))
+    calls: dict[str, Callable[[], Any]] = {
+        "os.urandom(16).hex() (request id, before)": lambda: os.urandom(16).hex(),
+        "random.getrandbits(128) (request id, now)": lambda: f"{random.getrandbits(128):032x}",
+    }
+    for name, probs in (("10", ten), ("1,000", thousand)):
+        calls[f"argpartition + argsort, {name} classes (top-5, before)"] = lambda p=probs: (
+            np.argsort(-p[np.argpartition(-p, 4)[:5]], kind="stable")
+        )
+        calls[f"heapq.nlargest, {name} classes (top-5, now)"] = lambda p=probs: top_k(p, 5, labels)
+    rows = []
+    for name, call in calls.items():
+        timing = {}
+        for busy in (False, True):
+            stop = threading.Event()
+
+            def spin(stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    sum(range(200))
+
+            spinner = threading.Thread(target=spin, daemon=True)
+            if busy:
+                spinner.start()
+            count, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds / 4:
+                call()
+                count += 1
+            timing[busy] = (time.perf_counter() - started) / count * 1e6
+            stop.set()
+            if busy:
+                spinner.join()
+        rows.append(
+            {"call": name, "alone_us": round(timing[False], 2), "beside_us": round(timing[True], 1)}
+        )
+        print(
+            f"{name:>52}: alone {timing[False]:.2f} us, beside a busy thread {timing[True]:.1f} us",
+            flush=True,
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -94,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     sys.setswitchinterval(default_interval)
+    calls = event_loop_calls(args.seconds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"batch": args.batch, "rows": rows}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps({"batch": args.batch, "rows": rows, "event_loop_calls": calls}, indent=2) + "\n"
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -167,9 +167,48 @@ def _inspect(data: bytes, digest: str, limits: ImageLimits) -> ImageHeader:
         fmt = _FORMAT_ALIASES.get(fmt, fmt)
         w, h = img.size
         _check_size(w, h, limits)
+        if fmt == "JPEG" and not _jpeg_is_whole(data):
+            # nvJPEG decodes a truncated file without complaint (the rest grey); Pillow, which
+            # decodes everything else, refuses it. The device path must refuse it too.
+            raise ApiError(
+                400,
+                "corrupt_image",
+                "The image could not be decoded; it is corrupt or truncated (the JPEG ends "
+                "before its end-of-image marker).",
+            )
         if _orientation(img) in _SWAPS_AXES:
             w, h = h, w
         return ImageHeader(width=w, height=h, format=fmt, mode=img.mode, sha256=digest)
+
+
+_JPEG_STANDALONE = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})  # TEM, SOI, RST0-7: no length
+
+
+def _jpeg_is_whole(data: bytes) -> bool:
+    """Whether a JPEG's image data ends with its end-of-image marker (``FF D9``).
+
+    Walks the marker segments from the start to the first scan (SOS) as libjpeg does (bytes
+    between segments that are not a marker are skipped), then looks for EOI after it: inside
+    entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so ``FF D9``
+    there is the real end, and one in an EXIF thumbnail (before the scan) is not mistaken for
+    it. Bytes after EOI are allowed, as Pillow allows them. Only a file with a scan and no end
+    is refused: anything stranger is left to the decoder.
+    """
+    at = 2  # after SOI
+    while True:
+        at = data.find(b"\xff", at)
+        if at < 0 or at + 1 >= len(data):
+            return True  # no scan found: not a truncation this check can see
+        marker = data[at + 1]
+        if marker in (0x00, 0xFF):  # a stuffed zero or a fill byte: not a marker yet
+            at += 1
+        elif marker in _JPEG_STANDALONE or marker == 0xD9:
+            at += 2
+        elif marker == 0xDA:  # SOS: the image data follows its header
+            length = int.from_bytes(data[at + 2 : at + 4], "big")
+            return data.find(b"\xff\xd9", at + 2 + length) >= 0
+        else:
+            at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
 
 
 def _decode(data: bytes, digest: str, min_short_side: int, limits: ImageLimits) -> DecodedImage:

@@ -12,10 +12,14 @@ multipart: a JSON header, then one frame per buffer.
 
 - HTTP worker -> model: ``{"id", "items": [{"mode", "shape": [h, w, 3]} | {"mode", "jpeg": 1}]}``,
   then per item its uint8 HWC pixels or its JPEG bytes. ``{"op": "info"}`` asks for metadata.
-- model -> HTTP worker: ``{"id", "model_s", "items": [{"batch", "ms", "queue_s", "att": [r, c]
-  or null} | {"error": {...}}]}``, then per answered item its float32 probabilities and, when
-  ``att`` is set, its float32 attention map. A whole message can fail: ``{"id", "error"}``
-  (e.g. 503 ``overloaded``: the queue bound is counted here, across all HTTP workers).
+- model -> HTTP worker: ``{"id", "model_s", "queued", "items": [{"batch", "ms", "queue_s",
+  "att": [r, c] or null} | {"error": {...}}]}``, then per answered item its float32
+  probabilities and, when ``att`` is set, its float32 attention map. A whole message can fail:
+  ``{"id", "queued", "error"}`` (e.g. 503 ``overloaded``: the queue bound is counted here,
+  across all HTTP workers). ``queued`` is the model process's queue (images waiting, from every
+  HTTP worker) as the reply leaves: each HTTP worker refuses at the headers while that report,
+  plus what it sent since, is at the bound (``ModelClient.queued``), so a full model is not
+  also sent every doomed request's pixels to refuse.
 
 Everything an HTTP worker sends within one event-loop turn travels as one message, to the
 model process with the fewest images in flight. A model process binds only once warmed up;
@@ -37,6 +41,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +69,9 @@ _logger = logging.getLogger(__name__)
 # answered by ZeroMQ's I/O thread, so a model process busy with a batch still answers them).
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
+# How long a model process's reported queue is trusted without a fresher reply (replies come at
+# every finished batch while this worker has work in flight; an idle worker's report ages out).
+REPORT_TTL_S = 0.25
 _BYE = orjson.dumps({"op": "bye"})
 
 
@@ -252,7 +260,7 @@ class ModelServer:
         try:
             results = await self.runner.infer(works)
         except ApiError as exc:
-            reply = {"id": header["id"], "error": _error_dict(exc)}
+            reply = {"id": header["id"], "queued": self.runner.queued, "error": _error_dict(exc)}
             await sock.send_multipart([identity.bytes, orjson.dumps(reply)])
             return
         for result in results:
@@ -271,8 +279,20 @@ class ModelServer:
             out_frames.append(np.ascontiguousarray(result.probs, dtype=np.float32))
             if result.attention is not None:
                 out_frames.append(np.ascontiguousarray(result.attention, dtype=np.float32))
-        reply = {"id": header["id"], "items": items, "model_s": time.perf_counter() - started}
+        reply = {
+            "id": header["id"],
+            "items": items,
+            "model_s": time.perf_counter() - started,
+            "queued": self.runner.queued,
+        }
         await sock.send_multipart([identity.bytes, orjson.dumps(reply), *out_frames], copy=False)
+
+
+def _estimate(link: _Link, now: float) -> int:
+    """The queue of ``link``'s model process as this worker knows it (``ModelClient.queued``)."""
+    if now - link.reported_at < REPORT_TTL_S:
+        return link.reported + link.sent_since
+    return link.inflight_images
 
 
 def _work(item: dict[str, Any], buffer: zmq.Frame) -> Work:
@@ -291,6 +311,9 @@ class _Link:
     sock: zmq.asyncio.Socket
     up: bool = False
     inflight_images: int = 0
+    reported: int = 0  # the model process's queue, as its last reply to this worker said
+    reported_at: float = -math.inf  # when that reply came (time.perf_counter)
+    sent_since: int = 0  # images this worker sent it after that reply
     pending: dict[int, tuple[asyncio.Future[Any], float, int]] = field(default_factory=dict)
 
 
@@ -403,9 +426,16 @@ class ModelClient:
 
     @property
     def queued(self) -> int:
-        """Images this worker has sent and not had answered: a lower bound on the model
-        processes' queue (their bound counts every worker's images)."""
-        return sum(link.inflight_images for link in self._links)
+        """Images waiting in the model process this worker sends to next, for admission: its
+        last reported queue (every worker's images) plus what this worker sent it since,
+        while that report is under ``REPORT_TTL_S`` old; after that, only this worker's own
+        images in flight (a lower bound: the next request goes through and its reply brings
+        a fresh report). With several model processes, the least loaded one's."""
+        live = [link for link in self._links if link.up]
+        if not live:
+            return sum(link.inflight_images for link in self._links)
+        now = time.perf_counter()
+        return min(_estimate(link, now) for link in live)
 
     def arriving(self, count: int) -> contextlib.AbstractContextManager[None]:
         """No-op: batches form in the model process from whatever has arrived."""
@@ -429,6 +459,7 @@ class ModelClient:
                 future.set_exception(error)
         link.pending.clear()
         link.inflight_images = 0
+        link.reported, link.reported_at, link.sent_since = 0, -math.inf, 0
 
     # --- requests --------------------------------------------------------------------------
     async def infer(self, works: Sequence[Work]) -> list[Outcome | ApiError]:
@@ -456,7 +487,8 @@ class ModelClient:
                 if not out.future.done():
                     out.future.set_exception(not_ready("No model process is reachable."))
             return
-        link = min(live, key=lambda candidate: candidate.inflight_images)
+        now = time.perf_counter()
+        link = min(live, key=lambda each: (_estimate(each, now), each.inflight_images))
         works = [work for out in batch for work in out.works]
         message_id = next(self._ids)
         items: list[dict[str, Any]] = []
@@ -474,11 +506,13 @@ class ModelClient:
         reply: asyncio.Future[Any] = loop.create_future()
         link.pending[message_id] = (reply, time.perf_counter(), len(works))
         link.inflight_images += len(works)
+        link.sent_since += len(works)
         try:
             link.sock.send_multipart([header, *frames], copy=False, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             link.pending.pop(message_id, None)
             link.inflight_images -= len(works)
+            link.sent_since -= len(works)
             reply.set_exception(not_ready(f"The model process is unreachable ({exc})."))
         reply.add_done_callback(lambda done: self._split(done, batch))
 
@@ -534,6 +568,8 @@ class ModelClient:
             return  # its requests were already failed (the link dropped meanwhile)
         future, sent, count = entry
         link.inflight_images = max(0, link.inflight_images - count)
+        if "queued" in header:
+            link.reported, link.reported_at, link.sent_since = header["queued"], received, 0
         if "error" in header:
             future.set_exception(_error_from(header["error"]))
             return

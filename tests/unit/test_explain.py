@@ -33,6 +33,14 @@ def test_top_k_is_sorted_and_labelled() -> None:
     assert len(top_k(probs, 99, labels)) == 5
 
 
+def test_top_k_breaks_ties_by_index_and_keeps_float32_scores() -> None:
+    probs = np.array([0.2, 0.3, 0.3, 0.2, 0.3], dtype=np.float32)
+    top = top_k(probs, 4, tuple("abcde"))
+    assert [p["index"] for p in top] == [1, 2, 4, 0]
+    assert [p["score"] for p in top] == [float(probs[i]) for i in (1, 2, 4, 0)]
+    assert all(type(p["index"]) is int for p in top)
+
+
 @pytest.mark.parametrize(
     ("width", "height", "crop_pct", "row", "col", "box"),
     [

@@ -778,3 +778,43 @@ def test_inspect_refuses_like_decode(
         with pytest.raises(ApiError) as info:
             check()
         assert (info.value.status, info.value.code) == (status, code)
+
+
+def _jpeg_variants() -> dict[str, bytes]:
+    """A JPEG (baseline, progressive, with an embedded thumbnail that ends in its own EOI)
+    whole, cut at several points, and with bytes after its end."""
+    base = encode(gradient_rgb(96, 64), "JPEG", quality=90)
+    progressive = encode(gradient_rgb(96, 64), "JPEG", progressive=True)
+    thumbnail = encode(gradient_rgb(16, 12), "JPEG")
+    app1 = b"\xff\xe1" + struct.pack(">H", len(thumbnail) + 8) + b"Exif\0\0" + thumbnail
+    with_thumbnail = base[:2] + app1 + base[2:]
+    return {
+        "whole": base,
+        "bytes after EOI": base + b"\0trailer" * 50,
+        "progressive": progressive,
+        "thumbnail": with_thumbnail,
+        "cut: no EOI": base[:-2],
+        "cut: half": base[: len(base) // 2],
+        "cut: 100 bytes short": base[:-100],
+        "cut: progressive, second scan": progressive[: len(progressive) * 3 // 4],
+        "cut: thumbnail's EOI kept, image's lost": with_thumbnail[:-2],
+    }
+
+
+@pytest.mark.parametrize("name", list(_jpeg_variants()))
+def test_truncated_jpegs_are_refused_by_inspect_as_by_decode(name: str) -> None:
+    """A JPEG decoded on the device is only inspected here, and nvJPEG decodes a cut file
+    without an error: inspect must refuse what Pillow's decode refuses, and accept the rest."""
+    data = _jpeg_variants()[name]
+    outcomes = []
+    for check in (
+        lambda: inspect_image(data),
+        lambda: decode_image(data, min_short_side=8),
+    ):
+        try:
+            check()
+            outcomes.append("ok")
+        except ApiError as exc:
+            outcomes.append(f"{exc.status} {exc.code}")
+    want = "400 corrupt_image" if name.startswith("cut") else "ok"
+    assert outcomes == [want, want]

@@ -15,6 +15,7 @@ import numpy as np
 import prometheus_client
 import pytest
 
+from service import transport
 from service.errors import ApiError
 from service.inference import ModelRunner, Outcome, Work
 from service.metrics import create_metrics
@@ -195,6 +196,62 @@ def test_queue_bound_counts_images_from_every_http_worker(model_dir: Path, endpo
         running.stop()
     assert (error.status, error.code) == (503, "overloaded")
     assert int(error.headers["Retry-After"]) >= 1
+
+
+def test_a_worker_learns_the_model_queue_from_its_replies(
+    model_dir: Path, endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Admission in an HTTP worker sees the model process's whole queue, not only its own
+    images: the replies report it, so once another worker has filled it this worker refuses
+    at the headers instead of sending doomed pixels over; an old report ages out."""
+    monkeypatch.setattr(transport, "REPORT_TTL_S", 1.0)
+    running = _Model(_runner(model_dir, max_batch_size=1, max_queue_images=2), endpoint)
+    release, sizes = _hold_the_model(running.runner)
+
+    async def scenario() -> dict[str, int]:
+        first, second = _client(endpoint), _client(endpoint)
+        for client in (first, second):
+            client.start()
+        await _until(lambda: first.ready and second.ready)
+        seen: dict[str, int] = {}
+        warm = await second.infer([Work("none", pixels=_images(1)[0])])  # a report: empty
+        assert isinstance(warm[0], Outcome)
+        seen["second, idle model"] = second.queued
+        release.clear()
+        busy = asyncio.ensure_future(first.infer([Work("none", pixels=_images(1)[0])]))
+        await _until(lambda: len(sizes) == 2)
+        queued = [
+            asyncio.ensure_future(first.infer([Work("none", pixels=img)])) for img in _images(2)
+        ]
+        await _until(lambda: running.runner.queued == 2)
+        seen["first, own images"] = first.queued  # sent since its last report: 3
+        seen["second, before a reply"] = second.queued  # its report says the model was empty
+        with pytest.raises(ApiError):  # sent, refused by the model: the reply says it is full
+            await second.infer([Work("none", pixels=_images(1)[0])])
+        seen["second, after the refusal"] = second.queued
+        release.set()
+        await asyncio.gather(busy, *queued)
+        seen["first, after its answers"] = first.queued
+        await asyncio.sleep(1.1)
+        seen["second, report aged out"] = second.queued
+        for client in (first, second):
+            await client.aclose()
+        return seen
+
+    release.set()
+    try:
+        seen = asyncio.run(scenario())
+    finally:
+        release.set()
+        running.stop()
+    assert seen == {
+        "second, idle model": 0,
+        "first, own images": 3,
+        "second, before a reply": 0,
+        "second, after the refusal": 2,
+        "first, after its answers": 0,
+        "second, report aged out": 0,
+    }
 
 
 def test_a_model_process_that_goes_away_fails_fast_and_is_found_again(

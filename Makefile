@@ -86,8 +86,8 @@ bench: $(STAMP) ## Offline vs served, and ours vs a hand-written peer -> results
 	$(PY) -m loadtests.bench cpu
 
 overload: $(STAMP) ## Goodput at 2x and 5x capacity beside the peer, sharing cores then pinned apart -> results/overload{,-pinned}.{json,md}
-	$(PY) -m loadtests.overload
-	$(PY) -m loadtests.overload --pin
+	$(PY) -m loadtests.overload --rounds 3
+	$(PY) -m loadtests.overload --rounds 3 --pin
 
 soak: $(STAMP) ## Open-loop soak of a fresh local service at 80% of capacity for MINUTES (10), not in make test -> results/soak.json
 	$(PY) -m loadtests.soak --minutes $(MINUTES)

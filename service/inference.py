@@ -140,6 +140,11 @@ class ModelRunner:
         """Images waiting for a batch."""
         return 0 if self._batcher is None else self._batcher.queued
 
+    @property
+    def queue_full(self) -> bool:
+        """Whether the next image would be refused (``VIT_MAX_QUEUE_IMAGES`` are waiting)."""
+        return self.queued >= self.settings.max_queue_images
+
     def load(self) -> None:
         """Load, warm up and open for traffic (blocking; run it off the event loop)."""
         from .engine import Engine

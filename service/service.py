@@ -235,7 +235,12 @@ class VitClassifier:
             endpoints = [e.strip() for e in SETTINGS.model_endpoints.split(",") if e.strip()]
             endpoints = endpoints or [ipc_endpoint(i) for i in range(len(PLAN.devices))]
             remote = bool(SETTINGS.model_endpoints)  # ready while any one of them serves
-            self._client = backend = ModelClient(endpoints, self.metrics, need_all=not remote)
+            self._client = backend = ModelClient(
+                endpoints,
+                self.metrics,
+                need_all=not remote,
+                queue_bound=SETTINGS.max_queue_images,
+            )
             with contextlib.suppress(RuntimeError):  # BentoML builds services on its loop
                 asyncio.get_running_loop()
                 self._client.start()
@@ -292,10 +297,8 @@ class VitClassifier:
                 f"This server is at its limit of {SETTINGS.concurrency_limit} requests at "
                 "once per worker; retry shortly."
             )
-        if self.backend.queued >= SETTINGS.max_queue_images:
-            return _overloaded(
-                f"The model's queue is full ({SETTINGS.max_queue_images} images); retry shortly."
-            )
+        if self.backend.queue_full:
+            return _overloaded("The model's queue is full; retry shortly.")
         return None
 
     @bentoml.on_shutdown

@@ -12,14 +12,15 @@ multipart: a JSON header, then one frame per buffer.
 
 - HTTP worker -> model: ``{"id", "items": [{"mode", "shape": [h, w, 3]} | {"mode", "jpeg": 1}]}``,
   then per item its uint8 HWC pixels or its JPEG bytes. ``{"op": "info"}`` asks for metadata.
-- model -> HTTP worker: ``{"id", "model_s", "queued", "items": [{"batch", "ms", "queue_s",
-  "att": [r, c] or null} | {"error": {...}}]}``, then per answered item its float32
+- model -> HTTP worker: ``{"id", "model_s", "queued", "bound", "items": [{"batch", "ms",
+  "queue_s", "att": [r, c] or null} | {"error": {...}}]}``, then per answered item its float32
   probabilities and, when ``att`` is set, its float32 attention map. A whole message can fail:
-  ``{"id", "queued", "error"}`` (e.g. 503 ``overloaded``: the queue bound is counted here,
-  across all HTTP workers). ``queued`` is the model process's queue (images waiting, from every
-  HTTP worker) as the reply leaves: each HTTP worker refuses at the headers while that report,
-  plus what it sent since, is at the bound (``ModelClient.queued``), so a full model is not
-  also sent every doomed request's pixels to refuse.
+  ``{"id", "queued", "bound", "error"}`` (e.g. 503 ``overloaded``: the queue bound is counted
+  here, across all HTTP workers). ``queued`` is the model process's queue (images waiting, from
+  every HTTP worker) as the reply leaves and ``bound`` its ``VIT_MAX_QUEUE_IMAGES``: each HTTP
+  worker refuses at the headers while that report, plus what it sent since, is at the bound
+  (``ModelClient.queue_full``), so a full model is not also sent every doomed request's pixels
+  to refuse.
 
 Everything an HTTP worker sends within one event-loop turn travels as one message, to the
 model process with the fewest images in flight. A model process binds only once warmed up;
@@ -260,7 +261,12 @@ class ModelServer:
         try:
             results = await self.runner.infer(works)
         except ApiError as exc:
-            reply = {"id": header["id"], "queued": self.runner.queued, "error": _error_dict(exc)}
+            reply = {
+                "id": header["id"],
+                "queued": self.runner.queued,
+                "bound": self.runner.settings.max_queue_images,
+                "error": _error_dict(exc),
+            }
             await sock.send_multipart([identity.bytes, orjson.dumps(reply)])
             return
         for result in results:
@@ -284,6 +290,7 @@ class ModelServer:
             "items": items,
             "model_s": time.perf_counter() - started,
             "queued": self.runner.queued,
+            "bound": self.runner.settings.max_queue_images,
         }
         await sock.send_multipart([identity.bytes, orjson.dumps(reply), *out_frames], copy=False)
 
@@ -314,6 +321,7 @@ class _Link:
     reported: int = 0  # the model process's queue, as its last reply to this worker said
     reported_at: float = -math.inf  # when that reply came (time.perf_counter)
     sent_since: int = 0  # images this worker sent it after that reply
+    bound: int | None = None  # its queue bound, once a reply has said it
     pending: dict[int, tuple[asyncio.Future[Any], float, int]] = field(default_factory=dict)
 
 
@@ -332,12 +340,21 @@ class ModelClient:
         need_all: Ready only when every model process is (this server's own processes);
             False: when any one is (model servers elsewhere, some of them scaled away or
             restarting: the others serve meanwhile).
+        queue_bound: This worker's ``VIT_MAX_QUEUE_IMAGES``, for admission until a model
+            process has reported its own (a model server run on its own may differ).
     """
 
-    def __init__(self, endpoints: Sequence[str], metrics: Metrics, need_all: bool = True) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        metrics: Metrics,
+        need_all: bool = True,
+        queue_bound: int = 512,
+    ) -> None:
         self.endpoints = list(endpoints)
         self.metrics = metrics
         self.need_all = need_all
+        self.queue_bound = queue_bound
         self.runtime: dict[str, Any] = {}
         self.warmup_ms = 0.0
         self.load_error: str | None = None
@@ -426,8 +443,8 @@ class ModelClient:
 
     @property
     def queued(self) -> int:
-        """Images waiting in the model process this worker sends to next, for admission: its
-        last reported queue (every worker's images) plus what this worker sent it since,
+        """Images waiting in the model process this worker sends to next, as far as it knows:
+        its last reported queue (every worker's images) plus what this worker sent it since,
         while that report is under ``REPORT_TTL_S`` old; after that, only this worker's own
         images in flight (a lower bound: the next request goes through and its reply brings
         a fresh report). With several model processes, the least loaded one's."""
@@ -436,6 +453,17 @@ class ModelClient:
             return sum(link.inflight_images for link in self._links)
         now = time.perf_counter()
         return min(_estimate(link, now) for link in live)
+
+    @property
+    def queue_full(self) -> bool:
+        """Whether every live model process's queue is at its bound as far as this worker
+        knows (``queued``; the bound as the model process reported it, this worker's own
+        ``queue_bound`` until then): admission refuses at the headers."""
+        live = [link for link in self._links if link.up]
+        now = time.perf_counter()
+        return bool(live) and all(
+            _estimate(link, now) >= (link.bound or self.queue_bound) for link in live
+        )
 
     def arriving(self, count: int) -> contextlib.AbstractContextManager[None]:
         """No-op: batches form in the model process from whatever has arrived."""
@@ -570,6 +598,7 @@ class ModelClient:
         link.inflight_images = max(0, link.inflight_images - count)
         if "queued" in header:
             link.reported, link.reported_at, link.sent_since = header["queued"], received, 0
+            link.bound = header.get("bound", link.bound)
         if "error" in header:
             future.set_exception(_error_from(header["error"]))
             return

@@ -208,6 +208,8 @@ def test_a_worker_learns_the_model_queue_from_its_replies(
     running = _Model(_runner(model_dir, max_batch_size=1, max_queue_images=2), endpoint)
     release, sizes = _hold_the_model(running.runner)
 
+    full: dict[str, bool] = {}
+
     async def scenario() -> dict[str, int]:
         first, second = _client(endpoint), _client(endpoint)
         for client in (first, second):
@@ -217,6 +219,7 @@ def test_a_worker_learns_the_model_queue_from_its_replies(
         warm = await second.infer([Work("none", pixels=_images(1)[0])])  # a report: empty
         assert isinstance(warm[0], Outcome)
         seen["second, idle model"] = second.queued
+        full["second, idle model"] = second.queue_full
         release.clear()
         busy = asyncio.ensure_future(first.infer([Work("none", pixels=_images(1)[0])]))
         await _until(lambda: len(sizes) == 2)
@@ -229,11 +232,14 @@ def test_a_worker_learns_the_model_queue_from_its_replies(
         with pytest.raises(ApiError):  # sent, refused by the model: the reply says it is full
             await second.infer([Work("none", pixels=_images(1)[0])])
         seen["second, after the refusal"] = second.queued
+        # Full by the bound the model process reported (2), not the client's default (512).
+        full["second, after the refusal"] = second.queue_full
         release.set()
         await asyncio.gather(busy, *queued)
         seen["first, after its answers"] = first.queued
         await asyncio.sleep(1.1)
         seen["second, report aged out"] = second.queued
+        full["second, report aged out"] = second.queue_full
         for client in (first, second):
             await client.aclose()
         return seen
@@ -251,6 +257,11 @@ def test_a_worker_learns_the_model_queue_from_its_replies(
         "second, after the refusal": 2,
         "first, after its answers": 0,
         "second, report aged out": 0,
+    }
+    assert full == {
+        "second, idle model": False,
+        "second, after the refusal": True,
+        "second, report aged out": False,
     }
 
 

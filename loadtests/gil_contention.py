@@ -21,11 +21,13 @@ service uses (``random`` for request ids, ``heapq.nlargest`` on a list for the t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +39,12 @@ from service.loading import load_model
 __all__ = ["main"]
 
 
-def _rate(
-    forward: Callable[[torch.Tensor], Any], x: torch.Tensor, seconds: float, busy: bool
-) -> float:
+@contextlib.contextmanager
+def _spinning(busy: bool) -> Iterator[None]:
+    """With ``busy``, a thread spinning in Python for the block's duration."""
+    if not busy:
+        yield
+        return
     stop = threading.Event()
 
     def spin() -> None:
@@ -47,16 +52,22 @@ def _rate(
             sum(range(200))  # pure Python, as an event loop parsing requests
 
     spinner = threading.Thread(target=spin, daemon=True)
-    if busy:
-        spinner.start()
+    spinner.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        spinner.join()
+
+
+def _rate(
+    forward: Callable[[torch.Tensor], Any], x: torch.Tensor, seconds: float, busy: bool
+) -> float:
     calls, end = 0, time.perf_counter() + seconds
-    with torch.inference_mode():
+    with _spinning(busy), torch.inference_mode():
         while time.perf_counter() < end:
             forward(x)
             calls += 1
-    stop.set()
-    if busy:
-        spinner.join()
     return calls / seconds
 
 
@@ -77,32 +88,27 @@ def event_loop_calls(seconds: float) -> list[dict[str, Any]]:
         "os.urandom(16).hex() (request id, before)": lambda: os.urandom(16).hex(),
         "random.getrandbits(128) (request id, now)": lambda: f"{random.getrandbits(128):032x}",
     }
+
+    def numpy_top5(p: np.ndarray) -> Any:
+        return np.argsort(-p[np.argpartition(-p, 4)[:5]], kind="stable")
+
     for name, probs in (("10", ten), ("1,000", thousand)):
-        calls[f"argpartition + argsort, {name} classes (top-5, before)"] = lambda p=probs: (
-            np.argsort(-p[np.argpartition(-p, 4)[:5]], kind="stable")
+        calls[f"argpartition + argsort, {name} classes (top-5, before)"] = functools.partial(
+            numpy_top5, probs
         )
-        calls[f"heapq.nlargest, {name} classes (top-5, now)"] = lambda p=probs: top_k(p, 5, labels)
+        calls[f"heapq.nlargest, {name} classes (top-5, now)"] = functools.partial(
+            top_k, probs, 5, labels
+        )
     rows = []
     for name, call in calls.items():
         timing = {}
         for busy in (False, True):
-            stop = threading.Event()
-
-            def spin(stop: threading.Event = stop) -> None:
-                while not stop.is_set():
-                    sum(range(200))
-
-            spinner = threading.Thread(target=spin, daemon=True)
-            if busy:
-                spinner.start()
-            count, started = 0, time.perf_counter()
-            while time.perf_counter() - started < seconds / 4:
-                call()
-                count += 1
-            timing[busy] = (time.perf_counter() - started) / count * 1e6
-            stop.set()
-            if busy:
-                spinner.join()
+            with _spinning(busy):
+                count, started = 0, time.perf_counter()
+                while time.perf_counter() - started < seconds / 4:
+                    call()
+                    count += 1
+                timing[busy] = (time.perf_counter() - started) / count * 1e6
         rows.append(
             {"call": name, "alone_us": round(timing[False], 2), "beside_us": round(timing[True], 1)}
         )

@@ -23,11 +23,12 @@ multipart: a JSON header, then one frame per buffer.
   to refuse.
 
 Everything an HTTP worker sends within one event-loop turn travels as one message, to the
-model process with the fewest images in flight. A model process binds only once warmed up;
-when one goes away its in-flight requests fail at once with 503 ``not_ready`` and the socket
-reconnects by itself when the restarted process binds again (a ``tcp://`` host name is looked up
-again at each attempt). ZeroMQ heartbeats find a peer that stopped answering (a frozen process, a
-lost node) within ``HEARTBEAT_TIMEOUT_MS``, as if it had gone away.
+model process with the shortest queue as far as the worker knows (``ModelClient.queued``). A
+model process binds only once warmed up; when one goes away its in-flight requests fail at once
+with 503 ``not_ready`` and the socket reconnects by itself when the restarted process binds
+again (a ``tcp://`` host name is looked up again at each attempt). ZeroMQ heartbeats find a
+peer that stopped answering (a frozen process, a lost node) within ``HEARTBEAT_TIMEOUT_MS``, as
+if it had gone away.
 
 A model process run on its own (``VIT_MODEL_BIND``) that is stopping sends ``{"op": "bye"}`` to
 each HTTP worker; the worker sends it nothing new from then on (its requests go to the other
@@ -261,12 +262,7 @@ class ModelServer:
         try:
             results = await self.runner.infer(works)
         except ApiError as exc:
-            reply = {
-                "id": header["id"],
-                "queued": self.runner.queued,
-                "bound": self.runner.settings.max_queue_images,
-                "error": _error_dict(exc),
-            }
+            reply = {"id": header["id"], **self._queue_report(), "error": _error_dict(exc)}
             await sock.send_multipart([identity.bytes, orjson.dumps(reply)])
             return
         for result in results:
@@ -289,10 +285,13 @@ class ModelServer:
             "id": header["id"],
             "items": items,
             "model_s": time.perf_counter() - started,
-            "queued": self.runner.queued,
-            "bound": self.runner.settings.max_queue_images,
+            **self._queue_report(),
         }
         await sock.send_multipart([identity.bytes, orjson.dumps(reply), *out_frames], copy=False)
+
+    def _queue_report(self) -> dict[str, int]:
+        """What every reply says of the queue, for the HTTP workers' admission."""
+        return {"queued": self.runner.queued, "bound": self.runner.settings.max_queue_images}
 
 
 def _estimate(link: _Link, now: float) -> int:
@@ -349,7 +348,8 @@ class ModelClient:
         endpoints: Sequence[str],
         metrics: Metrics,
         need_all: bool = True,
-        queue_bound: int = 512,
+        *,
+        queue_bound: int,
     ) -> None:
         self.endpoints = list(endpoints)
         self.metrics = metrics

@@ -65,7 +65,8 @@ def model(model_dir: Path, endpoint: str) -> Iterator[_Model]:
 
 
 def _client(endpoint: str) -> ModelClient:
-    return ModelClient([endpoint], create_metrics(32, prometheus_client.CollectorRegistry()))
+    metrics = create_metrics(32, prometheus_client.CollectorRegistry())
+    return ModelClient([endpoint], metrics, queue_bound=Settings().max_queue_images)
 
 
 async def _until(check: Any, timeout_s: float = 30.0) -> None:
@@ -232,7 +233,7 @@ def test_a_worker_learns_the_model_queue_from_its_replies(
         with pytest.raises(ApiError):  # sent, refused by the model: the reply says it is full
             await second.infer([Work("none", pixels=_images(1)[0])])
         seen["second, after the refusal"] = second.queued
-        # Full by the bound the model process reported (2), not the client's default (512).
+        # Full by the bound the model process reported (2), not the client's own (512).
         full["second, after the refusal"] = second.queue_full
         release.set()
         await asyncio.gather(busy, *queued)

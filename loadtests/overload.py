@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from loadtests.openloop import Request, Result, run_closed_loop, run_loop, run_open_loop
 from loadtests.samples import multipart, photo
 from loadtests.serving import REPO, Server, serve, serve_peer
@@ -112,9 +114,14 @@ def drill(
         out["cpus"] = {"server": sorted(pin[0]), "generator": sorted(pin[1])}
     with _server(which, work, server_cpus) as running, _pinned(generator_cpus):
         run_loop(run_closed_loop(running.url, [request], clients=16, duration_s=3))  # warm-up
-        out["rounds"] = [_round(which, running.url, request, seconds) for _ in range(rounds)]
+        out["rounds"] = [_round(which, running, request, seconds) for _ in range(rounds)]
         capacity = statistics.median(r["capacity"]["goodput"] for r in out["rounds"])
-        out["capacity"] = {"goodput": capacity}
+        out["capacity"] = {
+            "goodput": capacity,
+            "server_cpu_ms_per_answer": statistics.median(
+                r["capacity"]["server_cpu_ms_per_answer"] for r in out["rounds"]
+            ),
+        }
         for phase in ("2x", "5x"):
             ratios = [r[phase]["goodput_over_capacity"] for r in out["rounds"]]
             out[phase] = next(
@@ -131,39 +138,82 @@ def drill(
     return out
 
 
-def _round(which: str, url: str, request: Request, seconds: float) -> dict[str, Any]:
+def _round(which: str, running: Server, request: Request, seconds: float) -> dict[str, Any]:
     """Capacity (the best of 16, 64 and 256 keep-alive clients: more in flight, fuller
-    batches), then 2x and 5x that rate open loop."""
+    batches), then 2x and 5x that rate open loop. Each phase also reports the server's CPU
+    (every process of it): per good answer at capacity, per refusal under overload."""
     # 1,024 clients were tried too: that probe left the next phase (2x) at half its goodput
     # in one run on 2 cores.
-    runs = [
-        run_loop(run_closed_loop(url, [request], clients=n, duration_s=seconds))
-        for n in CAPACITY_CLIENTS
-    ]
-    base = max(runs, key=lambda run: run.goodput())
+    url = running.url
+    runs = []
+    for n in CAPACITY_CLIENTS:
+        with _server_cpu(running) as cpu:
+            run = run_loop(run_closed_loop(url, [request], clients=n, duration_s=seconds))
+        runs.append((run, cpu["seconds"]))
+    base, base_cpu_s = max(runs, key=lambda run: run[0].goodput())
     capacity = base.goodput()
+    per_answer_s = base_cpu_s / max(1, _count(base, "200"))
     out: dict[str, Any] = {
         "capacity": _figures(base, None)
         | {
             "per_clients": {
-                n: round(run.goodput(), 1) for n, run in zip(CAPACITY_CLIENTS, runs, strict=True)
-            }
+                n: round(run.goodput(), 1)
+                for n, (run, _) in zip(CAPACITY_CLIENTS, runs, strict=True)
+            },
+            "server_cpu_ms_per_answer": round(per_answer_s * 1e3, 3),
         }
     }
     for factor in (2, 5):
-        result = run_loop(
-            run_open_loop(
-                url,
-                [request],
-                rate=factor * capacity,
-                duration_s=seconds,
-                max_connections=1024,
-                timeout_s=30,
+        with _server_cpu(running) as cpu:
+            result = run_loop(
+                run_open_loop(
+                    url,
+                    [request],
+                    rate=factor * capacity,
+                    duration_s=seconds,
+                    max_connections=1024,
+                    timeout_s=30,
+                )
             )
-        )
-        out[f"{factor}x"] = _figures(result, capacity)
-        print(f"[{which}] capacity {capacity:.1f}/s, {factor}x: {json.dumps(out[f'{factor}x'])}")
+        figures = out[f"{factor}x"] = _figures(result, capacity)
+        refused = _count(result, "503 overloaded")
+        if refused:
+            # What the refusals cost, if each good answer cost what it did at capacity.
+            spent = cpu["seconds"] - _count(result, "200") * per_answer_s
+            figures["server_cpu_us_per_refusal"] = round(max(0.0, spent) / refused * 1e6, 1)
+        print(f"[{which}] capacity {capacity:.1f}/s, {factor}x: {json.dumps(figures)}")
     return out
+
+
+def _count(result: Result, answer: str) -> int:
+    """How many answers of ``result`` were ``answer`` (a status, or a status and code)."""
+    answered = result.answered.items()
+    return sum(n for (_, status, code), n in answered if f"{status} {code}".strip() == answer)
+
+
+@contextlib.contextmanager
+def _server_cpu(running: Server) -> Iterator[dict[str, float]]:
+    """CPU seconds (user + system) the server's processes spent in the block: ``["seconds"]``
+    once it ends. Of the processes alive at its end (one that died during it is not counted)."""
+    spent: dict[str, float] = {}
+
+    def times() -> dict[int, float]:
+        try:
+            root = psutil.Process(running.process.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return {}
+        out = {}
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                used = process.cpu_times()
+                out[process.pid] = used.user + used.system
+        return out
+
+    before = times()
+    yield spent
+    after = times()
+    spent["seconds"] = sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
 @contextlib.contextmanager
@@ -186,8 +236,9 @@ def _markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         + f", {args.rounds} round(s): the median round)",
         "",
         "| server | capacity/s | 2x: goodput (share) | 2x p99 ms | 5x: goodput (share) | "
-        "5x p99 ms | 400 clients: goodput (share) | p99 ms | 2x / 5x share per round |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "5x p99 ms | 400 clients: goodput (share) | p99 ms | 2x / 5x share per round | "
+        "server CPU per answer / per refusal (5x) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for which, out in results.items():
         cells = [which, f"{out['capacity']['goodput']:.0f}"]
@@ -197,6 +248,11 @@ def _markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             cells.append(f"{figures['latency_ms'].get('p99', float('nan')):.0f}")
         cells.append(
             " / ".join(", ".join(f"{r:.2f}" for r in out[p]["per_round"]) for p in ("2x", "5x"))
+        )
+        refusal = out["5x"].get("server_cpu_us_per_refusal")
+        cells.append(
+            f"{out['capacity']['server_cpu_ms_per_answer']:.2f} ms / "
+            + ("-" if refusal is None else f"{refusal:.0f} µs")
         )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -108,17 +108,29 @@ def set_gate(gate: Gate) -> None:
     _gate[:] = [gate]
 
 
+class _NoEvent:
+    """The message event of an answered request: nothing waits on it."""
+
+    def set(self) -> None:
+        pass
+
+
 class _Answered:
-    """Stands in for uvicorn's request/response cycle of a request the gate answered."""
+    """Stands in for uvicorn's request/response cycle of a request the gate answered. Nothing
+    changes it once answered (uvicorn skips the body of a complete response), so two serve
+    every such request: keep-alive or not (``_ANSWERED``)."""
 
     response_complete = True
     disconnected = False
     more_body = False
+    body = b""
+    message_event = _NoEvent()
 
     def __init__(self, keep_alive: bool) -> None:
         self.keep_alive = keep_alive
-        self.body = bytearray()
-        self.message_event = asyncio.Event()
+
+
+_ANSWERED = {True: _Answered(True), False: _Answered(False)}
 
 
 def draining() -> bool:
@@ -350,7 +362,7 @@ def _patch_protocol(protocol_cls: Any) -> None:
             and self.parser.should_keep_alive()
             and _DRAIN.started is None
         )
-        self.cycle = _Answered(keep_alive)
+        self.cycle = _ANSWERED[keep_alive]
         if keep_alive:
             self.transport.write(answer)
         else:  # mark the answer as the connection's last

@@ -145,6 +145,14 @@ def _overloaded(message: str) -> ApiError:
     return ApiError(503, "overloaded", message, {"Retry-After": "1"})
 
 
+# The two refusals of admission control, built once: under overload they are most answers.
+_AT_LIMIT = _overloaded(
+    f"This server is at its limit of {SETTINGS.concurrency_limit} requests at once per worker; "
+    "retry shortly."
+)
+_QUEUE_FULL = _overloaded("The model's queue is full; retry shortly.")
+
+
 def _worker_index() -> int:
     """0-based index of this worker process within its service."""
     return max(0, (server_context.worker_index or 1) - 1)
@@ -257,6 +265,7 @@ class VitClassifier:
         self.pipeline = Pipeline(SETTINGS, self.metrics, backend, PLAN.decode_threads)
         self._server_runtime: dict[str, str] | None = None
         self.active = 0  # classification requests admitted and not yet answered
+        self._refusal_counters: dict[tuple[bool, int, str], tuple[Any, Any]] = {}
 
     def _connect(self) -> None:
         if self._client is not None:
@@ -293,12 +302,9 @@ class VitClassifier:
         """Refuse cheaply, before the body is read: too many requests in this worker, or the
         model's queue already full (its bound counts images, so one image is the least)."""
         if self.active >= SETTINGS.concurrency_limit:
-            return _overloaded(
-                f"This server is at its limit of {SETTINGS.concurrency_limit} requests at "
-                "once per worker; retry shortly."
-            )
+            return _AT_LIMIT
         if self.backend.queue_full:
-            return _overloaded("The model's queue is full; retry shortly.")
+            return _QUEUE_FULL
         return None
 
     @bentoml.on_shutdown
@@ -321,8 +327,16 @@ class VitClassifier:
 
     def refused(self, batch: bool, error: ApiError) -> None:
         """A request answered with ``error`` outside the handler (admission, timeout, bug)."""
-        self.count_request(batch, error.status)
-        self.metrics.image_errors.labels(code=error.code).inc()
+        key = (batch, error.status, error.code)
+        counters = self._refusal_counters.get(key)
+        if counters is None:  # the labelled children, looked up once (labels() costs ~5 us)
+            endpoint = "classify_batch" if batch else "classify"
+            counters = self._refusal_counters[key] = (
+                self.metrics.requests.labels(endpoint=endpoint, status=error.status),
+                self.metrics.image_errors.labels(code=error.code),
+            )
+        for counter in counters:
+            counter.inc()
 
     async def _answer(self, request: Request, *, batch: bool) -> JsonResponse:
         self._connect()
@@ -526,13 +540,20 @@ def _refuse_early(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]])
         return None
     service.refused(batch, refusal)
     given = next((value for name, value in headers if name == b"x-request-id"), b"")
-    request_id = _valid_request_id(given.decode("latin-1"))
+    head, tail = _refusal_bytes(refusal)
+    return head + _valid_request_id(given.decode("latin-1")).encode() + tail
+
+
+@functools.lru_cache(maxsize=8)  # admit() returns one of two refusals, built once
+def _refusal_bytes(refusal: ApiError) -> tuple[bytes, bytes]:
+    """A gate refusal's answer, but for its request id: what comes before it, what after."""
     body = orjson.dumps(refusal.body())
-    return (
+    head = (
         b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\nretry-after: %s\r\nx-request-id: %s\r\n\r\n%s"
-        % (len(body), refusal.headers["Retry-After"].encode(), request_id.encode(), body)
+        b"content-length: %d\r\nretry-after: %s\r\nx-request-id: "
+        % (len(body), refusal.headers["Retry-After"].encode())
     )
+    return head, b"\r\n\r\n" + body
 
 
 def _in_our_shape(scope: Any, send: Any) -> Any:

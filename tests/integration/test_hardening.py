@@ -399,22 +399,32 @@ def test_slow_headers_get_408_header_timeout_and_others_are_served(strict: Serve
 
 def test_a_refused_request_is_refused_before_its_body_is_read(strict: Server) -> None:
     """With 2 requests in flight per worker (VIT_MAX_CONCURRENCY=2), a third is told 503
-    overloaded as soon as its headers arrive: its 4 MB body is never waited for."""
+    overloaded as soon as its headers arrive: its 4 MB body is never waited for. Each refusal
+    is counted once, in the request and the error series."""
     body, content_type = multipart({}, [("image", "d.png", digit(2, 64, False))])
     head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+    series = ('vit_requests_total{endpoint="classify",status="503"}',
+              'vit_image_errors_total{code="overloaded"}')  # fmt: skip
+    before = [_metric(strict, key) for key in series]
     holders = [_connect(strict) for _ in range(2)]
     try:
         for sock in holders:  # admitted, then stalled mid-body
             sock.sendall(head % (content_type.encode(), len(body)) + body[:10])
         time.sleep(0.3)
-        with _connect(strict) as sock:
-            started = time.monotonic()
-            sock.sendall(head % (content_type.encode(), 4_000_000))  # headers only
-            status, headers, answer = _read_answer(sock)
-            waited = time.monotonic() - started
-        assert status == 503 and answer["error"]["code"] == "overloaded", answer
-        assert headers["retry-after"] == "1"
-        assert waited < 0.5
+        for request_id in ("first-refusal", "second-refusal"):
+            with _connect(strict) as sock:
+                started = time.monotonic()
+                announced = head.replace(b"\r\n\r\n", b"\r\nX-Request-ID: %s\r\n\r\n")
+                sock.sendall(announced % (content_type.encode(), 4_000_000, request_id.encode()))
+                status, headers, answer = _read_answer(sock)
+                waited = time.monotonic() - started
+            assert status == 503 and answer["error"]["code"] == "overloaded", answer
+            assert headers["retry-after"] == "1" and headers["x-request-id"] == request_id
+            assert waited < 0.5
+        assert [_metric(strict, key) - was for key, was in zip(series, before, strict=True)] == [
+            2,
+            2,
+        ]
     finally:
         for sock in holders:
             sock.close()

@@ -603,6 +603,7 @@ def rehearse(
     refused = [r for r in requests if r.refused]
     r1 = counters["r1"]
     last_failure = max((r.end for r in requests if r.failed and r.end >= killed), default=None)
+    last_failed_sent = max((r.start for r in kill_window), default=None)
     report |= {
         "requests": {
             "total": len(requests),
@@ -669,6 +670,10 @@ def rehearse(
             "last_failure_after_s": None
             if last_failure is None
             else round(last_failure - killed, 3),
+            # Negative: sent before the kill.
+            "last_failed_sent_after_s": None
+            if last_failed_sent is None
+            else round(last_failed_sent - killed, 3),
             "errors": sorted({f"{r.status} {r.error}" for r in kill_window}),
         },
         "burst": {
@@ -737,7 +742,8 @@ def summary(report: dict[str, Any]) -> str:
         "balancer; clients: {failed_requests} failed ({failed_sent_before_kill} sent before "
         "the kill, {failed_sent_after_kill} after); {resent_elsewhere} resent elsewhere; "
         "balancer marked it down after {balancer_marked_down_after_s} s, last failure "
-        "{last_failure_after_s} s after the kill, failures elsewhere "
+        "{last_failure_after_s} s after the kill (the last failed one sent at "
+        "{last_failed_sent_after_s} s), failures elsewhere "
         "{failures_outside_kill}".format(**report["sigkill"]),
         "burst of {users} more users for {seconds:g} s: {ok} ok, {refused_overloaded} refused "
         "(503 overloaded, Retry-After), {failed} failed".format(**report["burst"]),

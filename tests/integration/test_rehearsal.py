@@ -83,8 +83,13 @@ def test_a_crash_fails_only_what_was_in_flight_and_is_routed_around(
     probe = report["readiness_probe"]
     detect_s = probe["periodSeconds"] * probe.get("failureThreshold", 3)
     assert kill["balancer_marked_down_after_s"] <= detect_s + 0.5
-    if kill["last_failure_after_s"] is not None:
-        assert kill["last_failure_after_s"] <= kill["balancer_marked_down_after_s"]
+    # Routed around: no request sent once the balancer has marked it down fails. (When the held
+    # ones fail is not the test: the kernel closes a killed process's sockets only once it has
+    # torn the process down, which can come after the health check has marked it down. In one
+    # CI run 20 requests sent 0.19-0.30 s before the kill failed 0.158-0.161 s after it, the
+    # mark-down seen at 0.12 s.)
+    if kill["last_failed_sent_after_s"] is not None:
+        assert kill["last_failed_sent_after_s"] <= kill["balancer_marked_down_after_s"]
 
 
 def test_overload_is_refused_not_failed(report: dict[str, Any]) -> None:

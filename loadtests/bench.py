@@ -518,7 +518,14 @@ def run_plan(plan: Plan, seconds: float, work: Path) -> dict[str, Any]:
         ("batching on", env, "cls", plan.levels)
     ]
     if plan.batching_off:
-        configs.append(("batching off", {**env, "VIT_MAX_BATCH_SIZE": "1"}, "cls", plan.levels))
+        # Only batching changes: the per-worker request limit defaults to 4 x the largest batch,
+        # which at batch 1 would be 4, and the row would time fast 503s instead of answers.
+        unbatched = {
+            **env,
+            "VIT_MAX_BATCH_SIZE": "1",
+            "VIT_MAX_CONCURRENCY": env.get("VIT_MAX_CONCURRENCY", str(4 * plan.max_batch)),
+        }
+        configs.append(("batching off", unbatched, "cls", plan.levels))
     if plan.attention_modes:
         configs += [(f"attention {m}", env, m, [saturation]) for m in ("none", "rollout")]
     rows: list[dict[str, Any]] = []

@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -60,17 +62,36 @@ def _ports(count: int) -> list[int]:
     return ports
 
 
+def _endpoint_ports(count: int) -> list[int]:
+    """``count`` different free ports below the kernel's ephemeral range. The front reconnects
+    to an endpoint nothing listens on every 100 ms; on a port inside that range one attempt can
+    be given the same port as its own source and connect to itself (TCP self-connect), and the
+    replacement model server then cannot bind it (seen once in CI: "Address already in use").
+    A real deployment's endpoints (5555) are outside the range."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randrange(max(1024, low - 10_000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 @contextlib.contextmanager
 def _tiers(log_dir: Path, models: int, listed: int | None = None, **front: str) -> Iterator[_Tiers]:
     """``models`` model servers, and a front listing ``listed`` endpoints (the extra ones with
     nothing behind them)."""
     listed = listed or models
-    ports = _ports(listed + models)  # the sockets' and the model servers' HTTP ports
-    endpoints = [f"tcp://127.0.0.1:{port}" for port in ports[:listed]]
+    endpoints = [f"tcp://127.0.0.1:{port}" for port in _endpoint_ports(listed)]
     with contextlib.ExitStack() as stack:
         running = [
             stack.enter_context(serve_model(MODEL_ENV, log_dir, bind=endpoint, port=port))
-            for endpoint, port in zip(endpoints, ports[listed:], strict=False)
+            for endpoint, port in zip(endpoints, _ports(models), strict=False)
         ]
         env = {**FRONT_ENV, "VIT_MODEL_ENDPOINTS": ",".join(endpoints), **front}
         yield _Tiers(stack.enter_context(serve(env, log_dir)), running, endpoints)

@@ -135,7 +135,7 @@ def offline_throughput(
     """Images/s of the model alone (preprocessed input already on the device)."""
     import torch
 
-    from service.loading import load_model
+    from service.model.loading import load_model
 
     loaded = load_model(source, device=device, dtype=dtype)
     model, info = loaded.model, loaded.info
@@ -826,7 +826,7 @@ def hop_cost(
 
 def _auto_topology(source: str) -> str:
     """What ``VIT_TOPOLOGY=auto`` picks for ``source`` on a CPU (service/topology.py's rule)."""
-    from service.topology import SMALL_MODEL_BYTES, weight_bytes
+    from service.runtime.plan import SMALL_MODEL_BYTES, weight_bytes
 
     size = weight_bytes(source)
     return "replicas" if size is not None and size < SMALL_MODEL_BYTES else "split"

@@ -12,7 +12,7 @@ sandbox allows).
 
 Then, against the image:
 
-- it holds the default model and ``service/ui/`` (listed inside the image);
+- it holds the default model and ``service/web/ui/`` (listed inside the image);
 - with no network at all (``--network none``) it loads the model and turns ready;
 - run with ``--cpus N``: ``/readyz`` turns 200, ``GET /model`` reports thread pools sized to
   the quota, the process runs as a non-root user, held-out digits sent through it are
@@ -175,19 +175,19 @@ def check_contents(report: Report, bento: Path) -> None:
     """The image holds what the Bento packed: the default model and the page."""
     wanted = sorted(
         str(path.relative_to(bento / "src"))
-        for folder in ("models/vit-digits", "service/ui")
+        for folder in ("models/vit-digits", "service/web/ui")
         for path in (bento / "src" / folder).rglob("*")
         if path.is_file()
     )
     listed = _podman(
         "run", "--rm", "--network", "none", "--entrypoint", "find", IMAGE,
-        f"{BENTO_PATH}/src/models/vit-digits", f"{BENTO_PATH}/src/service/ui", "-type", "f",
+        f"{BENTO_PATH}/src/models/vit-digits", f"{BENTO_PATH}/src/service/web/ui", "-type", "f",
         check=False,
     ).splitlines()  # fmt: skip
     found = sorted(line.removeprefix(f"{BENTO_PATH}/src/") for line in listed)
     report.facts["image_files"] = found
     missing = sorted(
-        ({"models/vit-digits/model.safetensors", "service/ui/index.html"} | set(wanted))
+        ({"models/vit-digits/model.safetensors", "service/web/ui/index.html"} | set(wanted))
         - set(found)
     )
     report.check("image holds the model and the page", not missing, f"missing {missing}")
@@ -308,7 +308,7 @@ def check_service(report: Report, url: str, name: str, bento: Path, cpus: float)
     report.facts["pid1_uid"] = int(pid1_uid)
     report.check("runs as a non-root user", uid != "0" and pid1_uid != "0", f"uid {uid}/{pid1_uid}")
 
-    ui = bento / "src" / "service" / "ui"
+    ui = bento / "src" / "service" / "web" / "ui"
     served = {}
     for path in sorted(p for p in ui.rglob("*") if p.is_file()):
         relative = path.relative_to(ui).as_posix()

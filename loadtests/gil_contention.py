@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from loadtests.serving import REPO
-from service.loading import load_model
+from service.model.loading import load_model
 
 __all__ = ["main"]
 
@@ -79,7 +79,7 @@ def event_loop_calls(seconds: float) -> list[dict[str, Any]]:
 
     import numpy as np
 
-    from service.explain import top_k
+    from service.web.answers import top_k
 
     rng = np.random.default_rng(0)
     ten, thousand = rng.random(10, dtype=np.float32), rng.random(1000, dtype=np.float32)

@@ -6,8 +6,8 @@ Two ways into the model, both the way others meet it:
 
 * ``timm``: plain ``timm`` and its eval transform on PIL pictures (what the model card and the
   unit tests quote);
-* ``service``: each picture PNG-encoded, decoded by ``service.imaging`` and batched through
-  ``service.engine`` (the exact path of ``POST /classify`` without HTTP).
+* ``service``: each picture PNG-encoded, decoded by ``service.model.imaging`` and batched through
+  ``service.model.engine`` (the exact path of ``POST /classify`` without HTTP).
 
 The held-out split is drawn with ``render_digit`` at 32 px in both polarities; the
 out-of-distribution set is ``models.synth.build_ood_set()`` (held-out font families and pen
@@ -65,9 +65,9 @@ def timm_predictor(model: torch.nn.Module, batch_size: int = 256) -> Predictor:
 
 def service_predictor(source: str, batch_size: int = 32) -> Predictor:
     """Predicted labels through the service's decoder and batched device preprocessing."""
-    from service.engine import Engine
-    from service.imaging import decode_image
-    from service.loading import load_model
+    from service.model.engine import Engine
+    from service.model.imaging import decode_image
+    from service.model.loading import load_model
 
     engine = Engine(load_model(source, device="cpu", dtype="float32"))
     min_side = engine.info.resize_size

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from service.loading import ModelLoadError, load_model
+from service.model.loading import ModelLoadError, load_model
 
 __all__ = ["import_model", "main"]
 

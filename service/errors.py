@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ApiError"]
+__all__ = ["ApiError", "load_failed", "not_ready", "overloaded"]
 
 
 class ApiError(Exception):
@@ -35,3 +35,26 @@ class ApiError(Exception):
 
     def __repr__(self) -> str:
         return f"ApiError(status={self.status}, code={self.code!r}, message={self.message!r})"
+
+
+def not_ready(message: str = "The model is still loading; retry shortly.") -> ApiError:
+    """The 503 every path answers while no model can take the request."""
+    return ApiError(503, "not_ready", message, {"Retry-After": "5"})
+
+
+def load_failed(error: str) -> ApiError:
+    """The 503 every path answers once the model failed to load (``VIT_ON_LOAD_FAILURE=serve``).
+
+    No ``Retry-After``: nothing retries the load, so retrying the request cannot help.
+    """
+    return ApiError(
+        503,
+        "load_failed",
+        f"The model failed to load: {error} Fix VIT_MODEL or the checkpoint and restart the "
+        "server; the server log has the details.",
+    )
+
+
+def overloaded(message: str, retry_after_s: int = 1) -> ApiError:
+    """The 503 of a full queue or a worker at its limit: retry after ``retry_after_s``."""
+    return ApiError(503, "overloaded", message, {"Retry-After": str(retry_after_s)})

@@ -8,19 +8,10 @@ import time. Gauges declare how worker values combine.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = [
-    "DEVICE_STAGES",
-    "STAGES",
-    "UNMATCHED_PATH",
-    "Metrics",
-    "bound_traffic_labels",
-    "create_metrics",
-]
+__all__ = ["DEVICE_STAGES", "STAGES", "Metrics", "create_metrics"]
 
 STAGES = (
     "decode", "transport", "queue", "device_decode", "preprocess", "forward", "attention",
@@ -151,74 +142,3 @@ def create_metrics(max_batch_size: int, registry: Any = None) -> Metrics:
             registry=registry,
         ),
     )
-
-
-UNMATCHED_PATH = "/(unmatched)"
-_ORIGINAL_PATH = "vit.original_path"
-
-
-def bound_traffic_labels(known: Callable[[], Collection[str]]) -> None:
-    """Make BentoML label its HTTP traffic metrics with a constant for paths that are no route.
-
-    BentoML's ``RunnerTrafficMetricsMiddleware`` labels every request with its raw path and
-    stores one series per label set in the multiprocess files, so a scan of random URLs grows
-    them (and the time to render /metrics) without bound. The middleware is swapped, before the
-    server builds its app, for a subclass that shows it ``UNMATCHED_PATH`` instead of an unknown
-    path, while the request itself travels on with its real path (and still gets its 404).
-    """
-    from bentoml._internal.server.http import instruments
-
-    base = instruments.RunnerTrafficMetricsMiddleware
-    if getattr(base, "_vit_bounded", False):
-        return
-
-    class _RestorePath:
-        def __init__(self, app: Any) -> None:
-            self.app = app
-
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            original = scope.get(_ORIGINAL_PATH)
-            if original is not None:
-                scope = {**scope, "path": original}
-            await self.app(scope, receive, send)
-
-    class BoundedTrafficMetricsMiddleware(base):  # type: ignore[misc, valid-type]
-        _vit_bounded = True
-
-        def __init__(self, app: Any, **options: Any) -> None:
-            super().__init__(_RestorePath(app), **options)
-
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] == "http" and scope["path"] == "/metrics":
-                await self._count_scrape(scope, receive, send)
-                return
-            if scope["type"].startswith("http") and scope["path"] not in known():
-                scope = {**scope, "path": UNMATCHED_PATH, _ORIGINAL_PATH: scope["path"]}
-            await super().__call__(scope, receive, send)
-
-        async def _count_scrape(self, scope: Any, receive: Any, send: Any) -> None:
-            # BentoML leaves its own scrape endpoint out of the traffic series; count it under
-            # its own label like any route (a scrape shows in the next one).
-            from bentoml._internal.context import server_context
-
-            if not self._is_setup:
-                self._setup()
-            started, status = time.perf_counter(), [0]
-
-            async def noting(message: Any) -> None:
-                if message["type"] == "http.response.start":
-                    status[0] = message["status"]
-                await send(message)
-
-            await self.app(scope, receive, noting)
-            labels = {
-                "endpoint": "/metrics",
-                "service_name": server_context.bento_name,
-                "service_version": server_context.bento_version,
-                "http_response_code": status[0],
-                "runner_name": server_context.service_name,
-            }
-            self.metrics_request_total.labels(**labels).inc()
-            self.metrics_request_duration.labels(**labels).observe(time.perf_counter() - started)
-
-    instruments.RunnerTrafficMetricsMiddleware = BoundedTrafficMetricsMiddleware  # type: ignore[misc, assignment]

@@ -1,28 +1,26 @@
-"""The service's ASGI app in-process: built as a worker builds it, served by Starlette's
-TestClient, with a tiny model, so a whole request path runs in milliseconds.
+"""The service's ASGI app in-process: built from explicit settings as a worker builds it, served
+by Starlette's TestClient, with a tiny model, so a whole request path runs in milliseconds.
 
 What a worker does (``_bentoml_impl/worker/service.py``): ``VitClassifier.to_asgi()``, then
-uvicorn serves that app through the wrappers ``service/listen.py`` registered (``hot_routes``);
-the app's lifespan creates the service instance, which starts loading the model. Here the
-TestClient runs the lifespan, and every process-wide thing a worker would own is swapped for
-the app's lifetime and restored after it:
+uvicorn serves that app wrapped by the front door (``WorkerServer``: ``Front.wrap``); the app's
+lifespan creates the service instance, which starts loading the model. Here ``build`` makes the
+services from the test's settings and plan, with what a worker would own made private to the
+app:
 
-- ``service.service.SETTINGS`` / ``PLAN``: read at import from the environment, so other test
-  modules import the service with the defaults; each app patches the module globals instead;
 - the metrics: prometheus_client's global registry would refuse a second service instance's
   metrics (duplicated timeseries), and BentoML's ``/metrics`` reads a multiprocess directory
   that only ``bentoml serve`` sets up. Each app gets one private ``CollectorRegistry`` for the
   service's metrics and BentoML's traffic metrics, and ``/metrics`` renders that registry;
 - the replicas' ready marks go to a folder of the test's own, not ``/tmp/vit-serve-<ppid>``;
-- a load failure with ``VIT_ON_LOAD_FAILURE=exit`` would signal the arbiter, the parent process
-  (here: whatever started pytest): it fails the test instead (the apps here use ``serve``);
-- torch's thread count and the garbage collector's frozen heap (``settle_heap``).
+- torch's thread count and the garbage collector's frozen heap (``settle_heap``) are restored.
+
+The apps use ``VIT_ON_LOAD_FAILURE=serve`` (no arbiter to stop) and hold a model's load with
+``VIT_TEST_GATE`` where a test needs it still loading.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import re
 import time
@@ -41,13 +39,11 @@ from bentoml._internal.server.metrics.prometheus import PrometheusClient
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-import service.service as module
-import service.topology
-from service import listen
-from service.metrics import create_metrics
-from service.schemas import ErrorResponse
-from service.settings import Settings
-from service.topology import make_plan
+from service.runtime.plan import make_plan
+from service.runtime.settings import Settings
+from service.service import build
+from service.web.routes import Front
+from service.web.schemas import ErrorResponse
 from tests.utils import encode, make_tiny_dir
 
 TINY_LABELS = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu"]
@@ -118,10 +114,6 @@ def settings_for(model_dir: Path | str, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-def _refuse_to_stop(error: str) -> None:
-    raise AssertionError(f"an in-process app asked to stop the server: {error}")
-
-
 def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
     """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -140,28 +132,17 @@ def serve_in_process(settings: Settings, run_folder: Path) -> Iterator[InProcess
     registry = prometheus_client.CollectorRegistry()
     threads = torch.get_num_threads()
     run_folder.mkdir(parents=True, exist_ok=True)
+    # One replica on one core: what a worker of a 1-CPU host runs.
+    plan = make_plan(settings, cpus=1, cuda_devices=0, model_bytes=0)
+    front = Front(settings)
+    _model, classifier = build(settings, plan, front, registry=registry, run_folder=run_folder)
     with contextlib.ExitStack() as stack:
-        patch = stack.enter_context(pytest.MonkeyPatch.context())
-        patch.setattr(module, "SETTINGS", settings)
-        # One replica on one core: what a worker of a 1-CPU host runs.
-        patch.setattr(module, "PLAN", make_plan(settings, cpus=1, cuda_devices=0, model_bytes=0))
-        patch.setattr(module, "_SERVING", [])  # the instance the hot routes serve from
-        patch.setattr(
-            module, "create_metrics", functools.partial(create_metrics, registry=registry)
-        )
-        patch.setattr(service.topology, "run_folder", lambda run_id=None: run_folder)
-        patch.setattr(module, "report_load_failure", _refuse_to_stop, raising=False)
         stack.enter_context(
             BentoMLContainer.metrics_client.patch(_PrivateRegistryMetrics(registry))
         )
         stack.callback(torch.set_num_threads, threads)
         stack.callback(gc.unfreeze)
-
-        app = module.VitClassifier.to_asgi()
-        # What service/listen.py's uvicorn patch does before a worker serves.
-        assert module.hot_routes in listen._wrappers
-        for wrapper in listen._wrappers:
-            app = wrapper(app)
+        app = front.wrap(classifier.to_asgi())
         with TestClient(app, base_url="http://vit.test") as client:
             yield InProcessApp(client)
 

@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from service.engine import Engine
-from service.imaging import decode_image
-from service.loading import load_model
-from service.schemas import BatchItem, ClassifyResponse, ModelResponse
+from service.model.engine import Engine
+from service.model.imaging import decode_image
+from service.model.loading import load_model
+from service.web.schemas import BatchItem, ClassifyResponse, ModelResponse
 from tests.http.conftest import LIMITS, REQUEST_ID, TINY_LABELS, png
 
 WIDTH, HEIGHT = 48, 40  # landscape: the model sees the centered 40x40 square, x from 4 to 44

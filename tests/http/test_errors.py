@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from service.schemas import BatchItem
+from service.web.schemas import BatchItem
 from tests.http.conftest import LIMITS, REQUEST_ID, assert_error, png
 from tests.utils import encode
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import service.inference
 from tests.http.conftest import (
     InProcessApp,
     assert_error,
@@ -39,22 +37,25 @@ def _refusals(app: InProcessApp) -> dict[str, Any]:
     }
 
 
+class _Release:
+    """Lets a model held by its test gate (``VIT_TEST_GATE``) load."""
+
+    def __init__(self, gate: Path) -> None:
+        self.gate = gate
+
+    def set(self) -> None:
+        self.gate.unlink(missing_ok=True)
+
+
 @pytest.fixture
-def loading(
-    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[InProcessApp, threading.Event]]:
-    """An app whose model load waits for the event; released (and loaded) at teardown."""
-    release = threading.Event()
-    load_model = service.inference.load_model
-
-    def held_load(*args: Any, **kwargs: Any) -> Any:
-        if not release.wait(timeout=60):
-            raise RuntimeError("the test never released the model load")
-        return load_model(*args, **kwargs)
-
-    monkeypatch.setattr(service.inference, "load_model", held_load)
-    with serve_in_process(settings_for(tiny_dir), tmp_path / "run") as app:
+def loading(tiny_dir: Path, tmp_path: Path) -> Iterator[tuple[InProcessApp, _Release]]:
+    """An app whose model load waits at its test gate; released (and loaded) at teardown."""
+    gate = tmp_path / "gate"
+    gate.write_text("")
+    release = _Release(gate)
+    with serve_in_process(settings_for(tiny_dir, test_gate=str(gate)), tmp_path / "run") as app:
         try:
+            wait_for(lambda: gate.read_text() == "loading\n", "held at the gate")
             yield app, release
         finally:
             release.set()
@@ -62,7 +63,7 @@ def loading(
 
 
 def test_while_the_model_loads_requests_get_503_not_ready(
-    loading: tuple[InProcessApp, threading.Event],
+    loading: tuple[InProcessApp, _Release],
 ) -> None:
     app, release = loading
     for name, response in _refusals(app).items():

@@ -31,14 +31,15 @@ src = sys.argv[1]
 sys.path.insert(0, src)
 from starlette.testclient import TestClient
 import service.service as module
-from service.loading import load_model
-from service.settings import DEFAULT_MODEL
-client = TestClient(module.app)
+import service.web.routes as routes
+from service.model.loading import load_model
+from service.runtime.settings import DEFAULT_MODEL
+client = TestClient(module.FRONT.app)
 page = client.get("/ui/")
 loaded = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
 print(json.dumps({
     "module": module.__file__,
-    "ui_dir": str(module.UI_DIR),
+    "ui_dir": str(routes.UI_DIR),
     "default_model": DEFAULT_MODEL,
     "ui_status": page.status_code,
     "ui_body": page.text,
@@ -69,9 +70,9 @@ def test_bento_holds_the_service_the_page_and_the_model(bento: Path) -> None:
     for name in ("config.json", "model.safetensors"):
         packed = src / "models" / "vit-digits" / name
         assert packed.is_file(), f"the Bento lacks the default model's {name}"
-    ui = _files(REPO / "service" / "ui")
+    ui = _files(REPO / "service" / "web" / "ui")
     assert "index.html" in ui
-    assert ui <= _files(src / "service" / "ui"), "the Bento lacks files of service/ui/"
+    assert ui <= _files(src / "service" / "web" / "ui"), "the Bento lacks files of service/web/ui/"
     assert not (src / "tests").exists() and not (src / "loadtests").exists()
     assert not (src / "deploy").exists()
 
@@ -88,10 +89,10 @@ def test_service_imports_and_serves_from_the_bento_alone(bento: Path) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["module"] == str(src / "service" / "service.py")
-    assert found["ui_dir"] == str(src / "service" / "ui")
+    assert found["ui_dir"] == str(src / "service" / "web" / "ui")
     assert found["default_model"] == f"local-dir:{src / 'models' / 'vit-digits'}"
     assert found["ui_status"] == 200
-    assert found["ui_body"] == (src / "service" / "ui" / "index.html").read_text()
+    assert found["ui_body"] == (src / "service" / "web" / "ui" / "index.html").read_text()
     assert found["num_classes"] == len(found["labels"]) == 10
 
 
@@ -127,7 +128,7 @@ def test_offline_bento_builds_from_the_local_base(tmp_path: Path) -> None:
     bento = _build(tmp_path / "home", OFFLINE_BENTOFILE)
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert re.search(rf"^FROM {re.escape(BASE_IMAGE)}\b", dockerfile, flags=re.MULTILINE)
-    assert (bento / "src" / "service" / "ui" / "index.html").is_file()
+    assert (bento / "src" / "service" / "web" / "ui" / "index.html").is_file()
     assert (bento / "src" / "models" / "vit-digits" / "model.safetensors").is_file()
 
 

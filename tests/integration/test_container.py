@@ -41,7 +41,7 @@ def test_container_builds_serves_and_stops(tmp_path: Path) -> None:
 
     # The same findings, spelled out (the script's checks are not taken on trust).
     assert "models/vit-digits/model.safetensors" in facts["image_files"]
-    assert "service/ui/index.html" in facts["image_files"]
+    assert "service/web/ui/index.html" in facts["image_files"]
     assert facts["offline_ready_s"] is not None
     assert facts["digits_sent"] == IMAGES and facts["accuracy"] >= 0.95
     assert facts["prometheus_images_total"] == facts["images_sent"] > IMAGES

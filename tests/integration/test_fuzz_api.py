@@ -55,7 +55,7 @@ from schemathesis.specs.openapi import checks as openapi_checks
 
 from loadtests.serving import Server, parse_exposition
 from service.errors import ApiError
-from service.options import parse_options
+from service.web.options import parse_options
 from tests.utils.image_fuzz import image_seeds, uploads
 
 CASES = int(os.environ.get("FUZZ_API_CASES", "1000"))

@@ -32,8 +32,8 @@ from pydantic import ValidationError
 
 from loadtests.samples import digit
 from loadtests.serving import Server, free_port, scrape, serve, serve_model
-from service.settings import Settings
-from service.topology import make_plan
+from service.runtime.plan import make_plan
+from service.runtime.settings import Settings
 from tests.utils import assert_same_answer
 
 TIMEOUT_S = 20

@@ -17,10 +17,10 @@ from PIL import Image
 
 from loadtests.serving import Server, scrape
 from models.digits import load_split, render_digit
-from service.engine import Engine
-from service.imaging import decode_image
-from service.loading import load_model
-from service.schemas import BatchItem, ClassifyResponse, ModelResponse
+from service.model.engine import Engine
+from service.model.imaging import decode_image
+from service.model.loading import load_model
+from service.web.schemas import BatchItem, ClassifyResponse, ModelResponse
 from tests.conftest import DEFAULT_MODEL_DIR
 from tests.integration.conftest import SERVER_ENV
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.batching import BatchStats, MicroBatcher, Overloaded
+from service.model.batching import BatchStats, MicroBatcher, Overloaded
 
 
 class FakeModel:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cpus import available_cpus, cgroup_cpu_limit
+from service.runtime.cpus import available_cpus, cgroup_cpu_limit
 
 
 def _write(root: Path, files: dict[str, str]) -> None:

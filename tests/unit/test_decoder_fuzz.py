@@ -40,8 +40,8 @@ from PIL import Image
 from starlette.requests import Request
 
 from service.errors import ApiError
-from service.http import read_request
-from service.imaging import ALLOWED_FORMATS, ImageLimits, decode_image, inspect_image
+from service.model.imaging import ALLOWED_FORMATS, ImageLimits, decode_image, inspect_image
+from service.web.reading import read_request
 from tests.utils.image_fuzz import PeakRss, damage, image_seeds, set_dimensions, uploads
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))

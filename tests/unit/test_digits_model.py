@@ -65,7 +65,7 @@ def test_out_of_distribution_accuracy_per_polarity(
 def test_accuracy_through_the_service_preprocessing_matches_plain_timm(
     plain: tuple[dict[str, Any], dict[str, np.ndarray]], ood: OodSet
 ) -> None:
-    # PNG bytes -> service.imaging -> service.engine's batched resize/crop, as /classify does.
+    # PNG bytes -> service.model.imaging -> service.model.engine's batched resize/crop, as /classify does.
     served, served_pred = evaluate(service_predictor(f"local-dir:{DEFAULT_MODEL_DIR}"), ood)
     plain_pred = plain[1]
     for name in POLARITIES:

@@ -19,7 +19,7 @@ from loadtests.serving import REPO
 # for the parent-death signal, says ready.
 _CHILD = """
 import os, signal, sys, time
-from service.drain import stop_with_parent
+from service.runtime.drain import stop_with_parent
 fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 signal.signal(signal.SIGTERM, lambda *_: os.write(fd, b"TERM\\n"))
 assert stop_with_parent()

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 
-from service.engine import Engine, rollout
-from service.explain import crop_window
-from service.loading import LoadedModel, load_model
+from service.model.engine import Engine, rollout
+from service.model.geometry import crop_window
+from service.model.loading import LoadedModel, load_model
 from tests.conftest import REPO
 from tests.utils import make_tiny_dir
 

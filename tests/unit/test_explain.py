@@ -11,11 +11,13 @@ import pytest
 from PIL import Image
 
 from service.errors import ApiError
-from service.explain import heatmap_png, patch_box, top_k, top_patches
-from service.imaging import decode_image
-from service.loading import ModelInfo, load_model
-from service.options import Options, parse_options
-from service.settings import Settings
+from service.model.geometry import patch_box
+from service.model.imaging import decode_image
+from service.model.loading import ModelInfo, load_model
+from service.runtime.settings import Settings
+from service.web.answers import top_k, top_patches
+from service.web.heatmaps import heatmap_png
+from service.web.options import Options, parse_options
 from tests.utils import encode, make_tiny_dir
 
 

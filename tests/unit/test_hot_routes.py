@@ -1,103 +1,179 @@
 """The hot routes skip BentoML's middleware but keep what it gave them: a request timeout
-(504 JSON), a 500 JSON for an unexpected error, request counting; everything else passes on."""
+(504 JSON), a 500 JSON for an unexpected error, request counting; everything else passes on.
+
+The front door and the worker are the real ones (``Front``, ``HttpWorker``), built from explicit
+settings; only the model is a stand-in backend that answers, stalls, breaks or is full."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import orjson
 import prometheus_client
 import pytest
 
-import service.service as module
-from service.metrics import create_metrics
-from service.settings import Settings
+from service.errors import ApiError
+from service.metrics import Metrics, create_metrics
+from service.model.engine import Outcome, Work
+from service.model.loading import ModelInfo, load_model
+from service.runtime.plan import make_plan
+from service.runtime.settings import Settings
+from service.web.routes import Front
+from service.web.worker import HttpWorker
+from tests.utils import encode, make_tiny_dir
 
 
-class _Service:
-    """Stands in for the VitClassifier instance of a worker."""
+@pytest.fixture(scope="module")
+def info(tmp_path_factory: pytest.TempPathFactory) -> ModelInfo:
+    folder = tmp_path_factory.mktemp("tiny") / "m"
+    make_tiny_dir(folder)
+    return load_model(f"local-dir:{folder}", device="cpu", dtype="float32").info
 
-    def __init__(self, behaviour: str) -> None:
+
+class _Backend:
+    """Stands in for the model: ``ok`` answers, ``slow`` stalls, ``broken`` raises, ``full``
+    has a full queue. Records how many requests were in flight when the model was asked."""
+
+    warmup_ms = 0.0
+    ready = True
+    decodes_on_device = False
+
+    def __init__(self, behaviour: str, info: ModelInfo) -> None:
         self.behaviour = behaviour
-        self.metrics = create_metrics(8, prometheus_client.CollectorRegistry())
-        self.counted: list[tuple[bool, int]] = []
-        self.codes: list[str] = []
-        self.active = 0
+        self._info = info
+        self.worker: HttpWorker | None = None
         self.most_active = 0
 
-    def admit(self) -> Any:
-        if self.behaviour == "full":
-            return module._overloaded("full")
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def queue_full(self) -> bool:
+        return self.behaviour == "full"
+
+    async def start(self) -> None:
         return None
 
-    def refused(self, batch: bool, error: Any) -> None:
-        self.count_request(batch, error.status)
-        self.codes.append(error.code)
+    async def is_ready(self) -> bool:
+        return True
 
-    async def _classify(self, request: Any, *, batch: bool) -> Any:
-        self.most_active = max(self.most_active, self.active)
+    async def first_contact(self) -> None:
+        return None
+
+    def arriving(self, count: int) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    async def infer(self, works: Sequence[Work]) -> list[Outcome | ApiError]:
+        assert self.worker is not None
+        self.most_active = max(self.most_active, self.worker.admission.active)
         if self.behaviour == "full":
-            raise AssertionError("a refused request reached the handler")
+            raise AssertionError("a refused request reached the model")
         if self.behaviour == "slow":
             await asyncio.sleep(5)
         if self.behaviour == "broken":
             raise RuntimeError("a bug")
-        return module.JsonResponse({"batch": batch})
+        probs = np.full(self._info.num_classes, 1 / self._info.num_classes, dtype=np.float32)
+        return [Outcome(probs, None, len(works), 1.0, 0.0) for _ in works]
 
-    def count_request(self, batch: bool, status: int) -> None:
-        self.counted.append((batch, status))
+    def runtime(self) -> dict[str, Any]:
+        return {}
+
+    async def close(self) -> None:
+        return None
+
+
+class _Served:
+    """A front door with a worker whose model is a ``_Backend``."""
+
+    def __init__(self, behaviour: str, info: ModelInfo, **settings: Any) -> None:
+        self.settings = Settings(request_timeout_s=1, access_log=False, **settings)
+        plan = make_plan(self.settings, cpus=1, cuda_devices=0, model_bytes=0)
+        self.metrics: Metrics = create_metrics(8, prometheus_client.CollectorRegistry())
+        self.backend = _Backend(behaviour, info)
+        self.worker = HttpWorker(self.settings, plan, self.backend, self.metrics)
+        self.backend.worker = self.worker
+        self.front = Front(self.settings)
+        self.front.attach(self.worker)
+
+    def counted(self, endpoint: str, status: int) -> float:
+        value = self.metrics.requests.labels(endpoint=endpoint, status=status)._value.get()
+        return float(value)
+
+    def codes(self, code: str) -> float:
+        return float(self.metrics.image_errors.labels(code=code)._value.get())
 
 
 async def _inner(scope: Any, receive: Any, send: Any) -> None:
-    response = module.JsonResponse({"inner": scope["path"]})
-    await response(scope, receive, send)
+    body = orjson.dumps({"inner": scope["path"]})
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
 
 
-def _call(service: _Service, method: str, path: str) -> httpx.Response:
-    app = module.hot_routes(_inner)
+_IMAGE = encode(np.zeros((32, 32, 3), dtype=np.uint8))
+
+
+def _call(front: Front, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    app = front.wrap(_inner)
 
     async def go() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            return await client.request(method, path)
+            return await client.request(method, path, **kwargs)
 
     return asyncio.run(go())
 
 
+def _classify(front: Front, path: str = "/classify") -> httpx.Response:
+    field = "images" if path == "/classify_batch" else "image"
+    return _call(front, "POST", path, files={field: ("a.png", _IMAGE)})
+
+
 @pytest.fixture
-def serving(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    monkeypatch.setattr(module, "SETTINGS", Settings(request_timeout_s=1, access_log=False))
-    slot: list[Any] = []
-    monkeypatch.setattr(module, "_SERVING", slot)
-    return slot
+def served(info: ModelInfo) -> Iterator[Any]:
+    made: list[_Served] = []
+
+    def serve(behaviour: str, **settings: Any) -> _Served:
+        made.append(_Served(behaviour, info, **settings))
+        return made[-1]
+
+    yield serve
+    for each in made:
+        each.worker.pipeline.close()
 
 
-def test_hot_routes_reach_the_service_and_the_rest_passes_on(serving: list[Any]) -> None:
-    serving.append(_Service("ok"))
-    assert _call(serving[0], "POST", "/classify").json() == {"batch": False}
-    assert _call(serving[0], "POST", "/classify_batch").json() == {"batch": True}
+def test_hot_routes_reach_the_worker_and_the_rest_passes_on(served: Any) -> None:
+    ok = served("ok")
+    assert _classify(ok.front).json()["request_id"]
+    batch = _classify(ok.front, "/classify_batch").json()
+    assert [slot["index"] for slot in batch] == [0]
     for method, path in (("GET", "/classify"), ("GET", "/metrics"), ("POST", "/model")):
-        assert _call(serving[0], method, path).json() == {"inner": path}
+        assert _call(ok.front, method, path).json() == {"inner": path}
 
 
-def test_before_the_service_exists_everything_passes_on(serving: list[Any]) -> None:
-    assert _call(_Service("ok"), "POST", "/classify").json() == {"inner": "/classify"}
+def test_before_the_worker_exists_everything_passes_on() -> None:
+    front = Front(Settings())
+    assert _call(front, "POST", "/classify").json() == {"inner": "/classify"}
 
 
-def test_a_slow_request_gets_a_504_json_at_the_timeout(serving: list[Any]) -> None:
-    serving.append(_Service("slow"))
-    response = _call(serving[0], "POST", "/classify")
+def test_a_slow_request_gets_a_504_json_at_the_timeout(served: Any) -> None:
+    slow = served("slow")
+    response = _classify(slow.front)
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "inference_timeout"
-    assert serving[0].counted == [(False, 504)]
-    assert serving[0].codes == ["inference_timeout"]
-    assert serving[0].active == 0
+    assert slow.counted("classify", 504) == 1
+    assert slow.codes("inference_timeout") == 1
+    assert slow.worker.admission.active == 0
 
 
-def test_a_refused_request_is_answered_without_reading_its_body(serving: list[Any]) -> None:
-    serving.append(_Service("full"))
+def test_a_refused_request_is_answered_without_reading_its_body(served: Any) -> None:
+    full = served("full")
     received: list[Any] = []
 
     async def go() -> list[Any]:
@@ -112,38 +188,35 @@ def test_a_refused_request_is_answered_without_reading_its_body(serving: list[An
 
         scope = {"type": "http", "method": "POST", "path": "/classify", "headers": [],
                  "query_string": b""}  # fmt: skip
-        await module.hot_routes(_inner)(scope, receive, send)
+        await full.front.wrap(_inner)(scope, receive, send)
         return sent
 
     sent = asyncio.run(go())
     assert received == []  # not a byte of the body was asked for
     assert sent[0]["status"] == 503
     assert (b"retry-after", b"1") in sent[0]["headers"]
-    assert serving[0].codes == ["overloaded"] and serving[0].counted == [(False, 503)]
+    assert full.codes("overloaded") == 1 and full.counted("classify", 503) == 1
 
 
-def test_admitted_requests_are_counted_while_in_flight(serving: list[Any]) -> None:
-    serving.append(_Service("ok"))
-    _call(serving[0], "POST", "/classify")
-    assert serving[0].most_active == 1 and serving[0].active == 0
+def test_admitted_requests_are_counted_while_in_flight(served: Any) -> None:
+    ok = served("ok")
+    assert _classify(ok.front).status_code == 200
+    assert ok.backend.most_active == 1 and ok.worker.admission.active == 0
 
 
-def test_an_unexpected_error_is_a_500_json(serving: list[Any]) -> None:
-    serving.append(_Service("broken"))
-    response = _call(serving[0], "POST", "/classify_batch")
+def test_an_unexpected_error_is_a_500_json(served: Any) -> None:
+    broken = served("broken")
+    response = _classify(broken.front, "/classify_batch")
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "internal_error"
     assert response.headers["x-request-id"]
-    assert serving[0].counted == [(True, 500)]
-    assert serving[0].active == 0
+    assert broken.counted("classify_batch", 500) == 1
+    assert broken.worker.admission.active == 0
 
 
-def test_with_tracing_on_nothing_is_bypassed(
-    serving: list[Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(module, "SETTINGS", Settings(tracing=True))
-    serving.append(_Service("ok"))
-    assert _call(serving[0], "POST", "/classify").json() == {"inner": "/classify"}
+def test_with_tracing_on_nothing_is_bypassed(served: Any) -> None:
+    ok = served("ok", tracing=True)
+    assert _call(ok.front, "POST", "/classify").json() == {"inner": "/classify"}
 
 
 async def _routing_error(scope: Any, receive: Any, send: Any) -> None:
@@ -162,7 +235,7 @@ def test_routing_errors_are_answered_in_our_shape(
     method: str, path: str, status: int, code: str
 ) -> None:
     async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=module.hot_routes(_routing_error))
+        transport = httpx.ASGITransport(app=Front(Settings()).wrap(_routing_error))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             return await client.request(method, path, headers={"X-Request-ID": "r-1"})
 
@@ -175,18 +248,29 @@ def test_routing_errors_are_answered_in_our_shape(
         assert response.headers["allow"] == "POST"
 
 
-def test_the_early_gate_refuses_at_the_headers_in_our_shape(serving: list[Any]) -> None:
-    serving.append(_Service("full"))
-    answer = module._refuse_early(b"POST", b"/classify_batch?top_k=2", [(b"x-request-id", b"r-9")])
+def test_the_early_gate_refuses_at_the_headers_in_our_shape(served: Any) -> None:
+    full = served("full")
+    gate = full.front.gate
+    answer = gate(b"POST", b"/classify_batch?top_k=2", [(b"x-request-id", b"r-9")])
     assert answer is not None
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 ")
     assert b"retry-after: 1" in head and b"x-request-id: r-9" in head
     assert f"content-length: {len(body)}".encode() in head
     assert orjson.loads(body)["error"]["code"] == "overloaded"
-    assert serving[0].counted == [(True, 503)] and serving[0].codes == ["overloaded"]
+    assert full.counted("classify_batch", 503) == 1 and full.codes("overloaded") == 1
     # Anything else goes on to the app: other methods and paths, or a request it can admit.
-    assert module._refuse_early(b"GET", b"/classify", []) is None
-    assert module._refuse_early(b"POST", b"/model", []) is None
-    serving[0] = _Service("ok")
-    assert module._refuse_early(b"POST", b"/classify", []) is None
+    assert gate(b"GET", b"/classify", []) is None
+    assert gate(b"POST", b"/model", []) is None
+    assert served("ok").front.gate(b"POST", b"/classify", []) is None
+
+
+def test_the_gate_is_off_while_tracing_and_before_the_worker_exists(served: Any) -> None:
+    assert served("full", tracing=True).front.gate(b"POST", b"/classify", []) is None
+    assert Front(Settings()).gate(b"POST", b"/classify", []) is None
+
+
+def test_the_front_door_knows_the_api_and_bentomls_pages(tmp_path: Path) -> None:
+    known = Front(Settings()).known_paths()
+    assert {"/classify", "/classify_batch", "/model", "/readyz", "/metrics", "/ui/"} <= set(known)
+    assert "/nope" not in known

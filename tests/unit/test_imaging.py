@@ -1,4 +1,4 @@
-"""Unit tests for service.imaging: decoding, validation and error mapping of uploads.
+"""Unit tests for service.model.imaging: decoding, validation and error mapping of uploads.
 
 Every image is generated in memory with Pillow or numpy; nothing is read from disk.
 """
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from service import imaging
 from service.errors import ApiError
-from service.imaging import (
+from service.model import imaging
+from service.model.imaging import (
     ALLOWED_FORMATS,
     DecodedImage,
     ImageLimits,

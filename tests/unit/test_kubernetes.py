@@ -23,8 +23,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.settings import Settings
-from service.topology import make_plan
+from service.runtime.plan import make_plan
+from service.runtime.settings import Settings
 from tests.conftest import REPO
 
 KUBERNETES = REPO / "deploy" / "kubernetes"

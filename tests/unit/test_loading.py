@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from service import loading
-from service.loading import (
+from service.model import loading
+from service.model.loading import (
     ModelLoadError,
     load_model,
     parse_source,
@@ -114,7 +114,7 @@ def test_bento_store_round_trip(tmp_path: Path) -> None:
     tag = imported.stdout.strip().splitlines()[-1]
     assert tag.startswith("tiny:")
     probe = (
-        "import json, torch; from service.loading import load_model;"
+        "import json, torch; from service.model.loading import load_model;"
         f"m = load_model('bento:{tag}', device='cpu', dtype='float32');"
         "torch.manual_seed(1); x = torch.rand(2, 3, 32, 32);"
         "print(json.dumps({'out': m.model(x).tolist(), 'labels': m.info.label_names}))"
@@ -142,7 +142,7 @@ def test_bento_store_round_trip(tmp_path: Path) -> None:
 
 def test_bento_missing_tag_is_refused(tmp_path: Path) -> None:
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
-    probe = "from service.loading import load_model; load_model('bento:nothing:here')"
+    probe = "from service.model.loading import load_model; load_model('bento:nothing:here')"
     result = subprocess.run(
         [sys.executable, "-c", probe],
         cwd=REPO,

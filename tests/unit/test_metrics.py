@@ -6,15 +6,16 @@ import asyncio
 import contextlib
 from typing import Any
 
-from service.metrics import UNMATCHED_PATH, bound_traffic_labels
+from bentoml._internal.server.http import instruments
+
+from service import service
+from service.runtime.server import UNMATCHED_PATH, install
 
 
 def test_unknown_paths_get_one_label_and_keep_their_route() -> None:
-    from bentoml._internal.server.http import instruments
-
-    bound_traffic_labels(lambda: {"/classify"})
+    # Importing the service installed the seam, with the service's routes as the known paths.
     middleware_class = instruments.RunnerTrafficMetricsMiddleware
-    assert getattr(middleware_class, "_vit_bounded", False)
+    assert middleware_class.__name__ == "BoundedTrafficMetricsMiddleware"
 
     seen_by_app: list[str] = []
 
@@ -57,5 +58,5 @@ def test_unknown_paths_get_one_label_and_keep_their_route() -> None:
     assert set(labels) == {"/classify", UNMATCHED_PATH}
     assert labels.count(UNMATCHED_PATH) == 2 * labels.count("/classify")
     assert seen_by_app == ["/classify", "/nope/1", "/nope/2"]  # routing sees the real path
-    bound_traffic_labels(lambda: set())  # a second install is a no-op
+    install(service.SETTINGS, service.FRONT)  # a second install replaces nothing more
     assert instruments.RunnerTrafficMetricsMiddleware is middleware_class

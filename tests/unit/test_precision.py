@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from models.digits import load_split, render_digit
-from service.engine import Engine
-from service.loading import load_model
+from service.model.engine import Engine
+from service.model.loading import load_model
 from tests.conftest import DEFAULT_MODEL_DIR
 
 

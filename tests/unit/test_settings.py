@@ -7,7 +7,7 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from service.settings import DEFAULT_MODEL, Settings
+from service.runtime.settings import DEFAULT_MODEL, Settings
 from tests.conftest import DEFAULT_MODEL_DIR, REPO
 
 

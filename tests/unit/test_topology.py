@@ -8,15 +8,9 @@ from typing import Any
 
 import pytest
 
-from service.settings import Settings
-from service.topology import (
-    SMALL_MODEL_BYTES,
-    Plan,
-    ReadyMarks,
-    keep_respawning,
-    make_plan,
-    weight_bytes,
-)
+from service.runtime.plan import SMALL_MODEL_BYTES, Plan, make_plan, weight_bytes
+from service.runtime.runfolder import ReadyMarks
+from service.runtime.settings import Settings
 from tests.conftest import DEFAULT_MODEL_DIR
 
 SMALL = 1_000_000
@@ -113,15 +107,3 @@ def _exited_pid() -> int:
     process = subprocess.Popen(["true"])
     process.wait()
     return process.pid
-
-
-def test_workers_are_restarted_inside_containers_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    import bentoml.serving
-
-    monkeypatch.setenv("BENTOML_CONTAINERIZED", "true")
-    current = bentoml.serving.create_watcher  # patched already if the service was imported
-    monkeypatch.setattr(bentoml.serving, "create_watcher", getattr(current, "__wrapped__", current))
-    assert bentoml.serving.create_watcher("w", ["x"]).respawn is False  # BentoML's choice
-    keep_respawning()
-    keep_respawning()  # idempotent
-    assert bentoml.serving.create_watcher("w", ["x"]).respawn is True

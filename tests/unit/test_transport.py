@@ -15,12 +15,15 @@ import numpy as np
 import prometheus_client
 import pytest
 
-from service import transport
 from service.errors import ApiError
-from service.inference import ModelRunner, Outcome, Work
+from service.link import client as link_client
+from service.link.client import ModelClient
+from service.link.server import ModelServer
+from service.link.wire import ipc_endpoint
 from service.metrics import create_metrics
-from service.settings import Settings
-from service.transport import ModelClient, ModelServer, ipc_endpoint
+from service.model.imaging import decode_image
+from service.model.runner import ModelRunner, Outcome, Work
+from service.runtime.settings import Settings
 from tests.utils import encode, make_tiny_dir
 
 RNG = np.random.default_rng(7)
@@ -109,7 +112,7 @@ def _compare(model: _Model, endpoint: str) -> None:
 
     async def through_hop() -> list[Outcome | ApiError]:
         client = _client(endpoint)
-        client.start()
+        client.connect()
         await _until(lambda: client.ready)
         assert client.info.num_classes == model.runner.info.num_classes
         try:
@@ -132,14 +135,12 @@ def _hold_the_model(runner: ModelRunner) -> tuple[threading.Event, list[int]]:
     """Make the model thread wait for ``release`` before each batch; record batch sizes."""
     release = threading.Event()
     sizes: list[int] = []
-    real = runner._run_batch
 
-    def held(works: list[Work]) -> Any:
-        sizes.append(len(works))
+    def held(size: int) -> None:
+        sizes.append(size)
         release.wait(20)
-        return real(works)
 
-    runner._run_batch = held  # type: ignore[method-assign]
+    runner.hold_batches(held)
     return release, sizes
 
 
@@ -149,7 +150,7 @@ def test_requests_from_two_http_workers_share_one_batch(model: _Model, endpoint:
     async def scenario() -> list[list[Outcome | ApiError]]:
         first, second = _client(endpoint), _client(endpoint)
         for client in (first, second):
-            client.start()
+            client.connect()
         await _until(lambda: first.ready and second.ready)
         blocker = asyncio.ensure_future(first.infer([Work("none", pixels=_images(1)[0])]))
         await _until(lambda: sizes == [1])  # the model is busy with it
@@ -174,7 +175,7 @@ def test_queue_bound_counts_images_from_every_http_worker(model_dir: Path, endpo
     async def scenario() -> ApiError:
         first, second = _client(endpoint), _client(endpoint)
         for client in (first, second):
-            client.start()
+            client.connect()
         await _until(lambda: first.ready and second.ready)
         busy = asyncio.ensure_future(first.infer([Work("none", pixels=_images(1)[0])]))
         await _until(lambda: sizes == [1])
@@ -205,7 +206,7 @@ def test_a_worker_learns_the_model_queue_from_its_replies(
     """Admission in an HTTP worker sees the model process's whole queue, not only its own
     images: the replies report it, so once another worker has filled it this worker refuses
     at the headers instead of sending doomed pixels over; an old report ages out."""
-    monkeypatch.setattr(transport, "REPORT_TTL_S", 1.0)
+    monkeypatch.setattr(link_client, "REPORT_TTL_S", 1.0)
     running = _Model(_runner(model_dir, max_batch_size=1, max_queue_images=2), endpoint)
     release, sizes = _hold_the_model(running.runner)
 
@@ -214,7 +215,7 @@ def test_a_worker_learns_the_model_queue_from_its_replies(
     async def scenario() -> dict[str, int]:
         first, second = _client(endpoint), _client(endpoint)
         for client in (first, second):
-            client.start()
+            client.connect()
         await _until(lambda: first.ready and second.ready)
         seen: dict[str, int] = {}
         warm = await second.infer([Work("none", pixels=_images(1)[0])])  # a report: empty
@@ -274,7 +275,7 @@ def test_a_model_process_that_goes_away_fails_fast_and_is_found_again(
 
     async def scenario() -> tuple[ApiError, float, ApiError, Outcome | ApiError]:
         client = _client(endpoint)
-        client.start()
+        client.connect()
         await _until(lambda: client.ready)
         in_flight = asyncio.ensure_future(client.infer([Work("none", pixels=_images(1)[0])]))
         await asyncio.sleep(0.2)
@@ -321,7 +322,7 @@ def test_jpegs_decoded_on_the_device_match_pillow_and_bad_ones_get_the_4xx(
             Work("cls", jpeg=jpeg),
             Work("cls", jpeg=cmyk),
             Work("cls", jpeg=broken),
-            Work("cls", pixels=runner._pillow(jpeg, runner.info.resize_size)),  # type: ignore[arg-type]
+            Work("cls", pixels=decode_image(jpeg, min_short_side=runner.info.resize_size).pixels),
         ]
         return await runner.infer(works)
 

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
-from .errors import ApiError
+from ..errors import ApiError
+from ..runtime.settings import ATTENTION_MODES, AttentionMode
 
-__all__ = ["ATTENTION_MODES", "AttentionMode", "Options", "parse_options"]
-
-AttentionMode = Literal["none", "cls", "rollout"]
-ATTENTION_MODES: tuple[AttentionMode, ...] = ("none", "cls", "rollout")
+__all__ = ["Options", "parse_options"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}

@@ -22,35 +22,16 @@ processes fight over cores.
 
 from __future__ import annotations
 
-import atexit
 import json
 import math
-import os
-import shutil
-import signal
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from .cpus import available_cpus
 from .settings import Settings
 
-__all__ = [
-    "LOAD_FAILED_EXIT",
-    "SMALL_MODEL_BYTES",
-    "Plan",
-    "ReadyMarks",
-    "claim_run_folder",
-    "keep_respawning",
-    "load_failure_reported",
-    "make_plan",
-    "plan_for",
-    "report_load_failure",
-    "run_folder",
-    "weight_bytes",
-]
+__all__ = ["SMALL_MODEL_BYTES", "Plan", "make_plan", "plan_for", "weight_bytes"]
 
 Topology = Literal["replicas", "split"]
 
@@ -164,7 +145,7 @@ def _devices(settings: Settings, cuda_devices: int) -> tuple[str, ...]:
 
 def weight_bytes(source: str) -> int | None:
     """Size of the checkpoint's weights without loading them, or None when not at hand."""
-    from .loading import ModelLoadError, parse_source
+    from ..model.loading import ModelLoadError, parse_source
 
     try:
         kind, location, _arch = parse_source(source)
@@ -222,118 +203,3 @@ def plan_for(settings: Settings) -> Plan:
         cuda_devices=cuda,
         model_bytes=weight_bytes(settings.model),
     )
-
-
-def run_folder(run_id: int | None = None) -> Path:
-    """A private folder shared by the processes of one ``bentoml serve``.
-
-    BentoML's arbiter is the parent of every HTTP worker and model process it runs, so its pid
-    names the folder and no two servers on a host collide.
-    """
-    run = os.getppid() if run_id is None else run_id
-    folder = Path(tempfile.gettempdir()) / f"vit-serve-{run}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    return folder
-
-
-def claim_run_folder() -> Path:
-    """In the arbiter (the process whose pid names the folder): start from an empty folder and
-    remove it at exit, so no mark or socket of an earlier server whose pid this one reuses can
-    count, and nothing is left behind in the temp folder."""
-    folder = run_folder(os.getpid())
-    for stale in folder.iterdir():
-        stale.unlink(missing_ok=True)
-    atexit.register(_release_run_folder, folder)
-    return folder
-
-
-def keep_respawning() -> None:
-    """In the arbiter: restart a worker that dies, in a container too.
-
-    BentoML turns circus' respawn off inside containers (``BENTOML_CONTAINERIZED``), leaving the
-    restart to the orchestrator; but the orchestrator sees only the container, which stays up:
-    a dead replica would silently halve capacity and a dead model process would leave every
-    request 503 for good. Restarting the process is what it would do anyway, minus the wait.
-    """
-    import bentoml.serving
-
-    create_watcher = bentoml.serving.create_watcher
-    if getattr(create_watcher, "_vit_respawn", False):
-        return
-
-    def respawning(*args: Any, **kwargs: Any) -> Any:
-        watcher = create_watcher(*args, **kwargs)
-        watcher.respawn = True
-        return watcher
-
-    respawning._vit_respawn = True  # type: ignore[attr-defined]
-    respawning.__wrapped__ = create_watcher  # type: ignore[attr-defined]
-    bentoml.serving.create_watcher = respawning
-
-
-def _release_run_folder(folder: Path) -> None:
-    failed = folder / "load-failed"
-    error = failed.read_text() if failed.exists() else None
-    shutil.rmtree(folder, ignore_errors=True)
-    if error is not None:
-        print(f"vit-serve: the model failed to load: {error}", file=sys.stderr, flush=True)
-        os._exit(LOAD_FAILED_EXIT)
-
-
-class ReadyMarks:
-    """Which replicas of this server are warmed up, so any one of them can answer ``/readyz``
-    for all: each writes its pid to ``replica-N.ready`` once warm; a mark whose process is gone
-    (a replica that died and is being restarted) does not count."""
-
-    def __init__(self, replicas: int, folder: Path | None = None) -> None:
-        self.replicas = replicas
-        self.folder = folder
-
-    def _path(self, index: int) -> Path:
-        return (self.folder or run_folder()) / f"replica-{index}.ready"
-
-    def mark(self, index: int) -> None:
-        """This process (replica ``index``) is warm."""
-        self._path(index).write_text(str(os.getpid()))
-
-    def _alive(self, index: int) -> bool:
-        try:
-            pid = int(self._path(index).read_text())
-            os.kill(pid, 0)
-        except (OSError, ValueError):
-            return False
-        return True
-
-    def all_ready(self) -> bool:
-        """Every replica has marked itself warm and is still alive."""
-        return all(self._alive(index) for index in range(self.replicas))
-
-    def others_ready(self, index: int) -> bool:
-        """Some replica other than ``index`` is warm and alive (so ``index`` is a respawn)."""
-        return any(self._alive(other) for other in range(self.replicas) if other != index)
-
-    def started(self) -> bool:
-        """Every replica was warm at once at least once since the server started; from then on
-        each replica answers readiness for itself (a respawning one does not listen)."""
-        folder = self.folder or run_folder()
-        if (folder / "started").exists():
-            return True
-        if self.all_ready():
-            (folder / "started").touch()
-            return True
-        return False
-
-
-LOAD_FAILED_EXIT = 3  # `bentoml serve`'s exit status when the model cannot load
-
-
-def load_failure_reported() -> bool:
-    """Whether a worker of this server reported that the model cannot load."""
-    return (run_folder() / "load-failed").exists()
-
-
-def report_load_failure(error: str) -> None:
-    """A worker could not load the model (``VIT_ON_LOAD_FAILURE=exit``): leave the error for
-    the arbiter and ask it to stop the server; it then exits with ``LOAD_FAILED_EXIT``."""
-    (run_folder() / "load-failed").write_text(error)
-    os.kill(os.getppid(), signal.SIGTERM)

@@ -1,11 +1,16 @@
-"""The only module that runs the model: decoded images in, probabilities and attention out.
+"""The only module that runs the model: one batch of images in, probabilities and attention out.
 
-One call handles one batch: the uint8 images (any sizes) are packed into one canvas, moved to the
-device as uint8, resized/cropped in a single batched ``grid_sample`` following the model's data
-config (timm's eval transform: shorter side to ``input/crop_pct``, center crop), normalized, and
-sent through the model once. Attention is captured only where the batch needs it: a block whose
-weights are wanted runs timm's explicit softmax path for that call, every other block keeps the
-fused kernel.
+``Work`` is one image as the model takes it (pixels Pillow decoded, or a JPEG to decode on the
+device) and ``Outcome`` one image's answer. ``Engine.run_works`` is what the batcher calls with a
+batch: JPEGs are decoded on the device in one call (nvJPEG on CUDA; what it refuses goes through
+Pillow with the upload's 4xx table), then ``Engine.run`` classifies the pixels.
+
+One call of ``run`` handles one batch: the uint8 images (any sizes) are packed into one canvas,
+moved to the device as uint8, resized/cropped in a single batched ``grid_sample`` following the
+model's data config (timm's eval transform: shorter side to ``input/crop_pct``, center crop),
+normalized, and sent through the model once. Attention is captured only where the batch needs
+it: a block whose weights are wanted runs timm's explicit softmax path for that call, every
+other block keeps the fused kernel.
 
 With ``script=True`` (the service's default, ``VIT_TORCHSCRIPT``), a float32 model on the CPU
 runs as frozen TorchScript graphs, one per set of captured blocks, traced from the eager model
@@ -28,18 +33,52 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .explain import crop_window
+from ..errors import ApiError
+from ..metrics import Metrics
+from ..runtime.settings import ATTENTION_MODES, AttentionMode
+from .geometry import crop_window
+from .imaging import ImageLimits, decode_image
 from .loading import LoadedModel
-from .options import ATTENTION_MODES, AttentionMode
 
 __all__ = [
     "BatchResult",
     "Engine",
     "ItemResult",
+    "Outcome",
+    "Work",
     "rollout",
 ]
 
 _logger = logging.getLogger(__name__)
+
+# torchvision 0.29 warns on every decode_jpeg call that TorchCodec supersedes it; decode_jpeg is
+# what decodes nvJPEG batches with this torch pin (docs/ARCHITECTURE.md, *GPU data path*).
+warnings.filterwarnings(
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision",
+    category=DeprecationWarning,
+)
+
+
+@dataclass(frozen=True)
+class Work:
+    """One image for the model: Pillow-decoded pixels, or JPEG bytes to decode on the device."""
+
+    mode: AttentionMode
+    pixels: np.ndarray | None = None  # uint8 HWC
+    jpeg: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One image's answer from the model."""
+
+    probs: np.ndarray  # (num_classes,) float32
+    attention: np.ndarray | None  # (rows, cols) float32, or None for attention "none"
+    batch_size: int  # images in the forward pass it rode in
+    inference_ms: float  # that batch's device decode + preprocess + forward + attention
+    queue_s: float  # from joining the queue to its batch starting
+
 
 # A decoded image: uint8 HWC, a numpy array (Pillow) or a tensor on the device (nvJPEG).
 Image = np.ndarray | torch.Tensor
@@ -86,9 +125,23 @@ def rollout(layers: Sequence[torch.Tensor], query: torch.Tensor) -> torch.Tensor
 
 
 class Engine:
-    """Runs batches of decoded images through one loaded ViT."""
+    """Runs batches of images through one loaded ViT.
 
-    def __init__(self, loaded: LoadedModel, *, script: bool = False) -> None:
+    Args:
+        loaded: the model on its device.
+        script: run a float32 CPU model as frozen TorchScript graphs.
+        limits: what a JPEG the device cannot decode must satisfy when Pillow decodes it.
+        metrics: where ``run_works`` records its stage times (and CUDA memory).
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        script: bool = False,
+        limits: ImageLimits | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.model = loaded.model
         self.info = loaded.info
         self.device = next(self.model.parameters()).device
@@ -106,6 +159,8 @@ class Engine:
             block.attn.attn_drop.register_forward_hook(self._make_hook(index))
         self._script = script and self.device.type == "cpu" and self.dtype == torch.float32
         self._graphs: dict[tuple[int, ...], Any] = {}
+        self._limits = limits or ImageLimits()
+        self._metrics = metrics
 
     def _make_hook(self, index: int) -> Any:
         def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
@@ -114,6 +169,75 @@ class Engine:
                 self._capture[index] = output.float().mean(dim=1)
 
         return hook
+
+    def run_works(self, works: list[Work]) -> list[Outcome | ApiError]:
+        """One batch as the batcher hands it over: one Outcome (queue time left 0 for the
+        caller) or per-image ApiError each, stage times recorded."""
+        images: list[Image | ApiError | None] = [w.pixels for w in works]
+        jpegs = [i for i, w in enumerate(works) if w.jpeg is not None]
+        decode_s = 0.0
+        if jpegs:
+            started = time.perf_counter()
+            decoded = self._decode_on_device([works[i].jpeg for i in jpegs])  # type: ignore[misc]
+            for i, image in zip(jpegs, decoded, strict=True):
+                images[i] = image
+            decode_s = time.perf_counter() - started
+        good = [i for i, image in enumerate(images) if not isinstance(image, ApiError)]
+        result = self.run([images[i] for i in good], [works[i].mode for i in good])  # type: ignore[misc]
+        metrics = self._metrics
+        if metrics is not None:
+            if jpegs:
+                metrics.observe_stage("device_decode", decode_s)
+            metrics.observe_stage("preprocess", result.preprocess_ms / 1e3)
+            metrics.observe_stage("forward", result.forward_ms / 1e3)
+            metrics.observe_stage("attention", result.attention_ms / 1e3)
+            if self.device.type == "cuda":
+                metrics.gpu_memory.labels(kind="allocated").set(torch.cuda.memory_allocated())
+                metrics.gpu_memory.labels(kind="reserved").set(torch.cuda.memory_reserved())
+        inference_ms = (
+            decode_s * 1e3 + result.preprocess_ms + result.forward_ms + result.attention_ms
+        )
+        outcomes: list[Outcome | ApiError] = [
+            image if isinstance(image, ApiError) else _NO_OUTCOME for image in images
+        ]
+        for i, item in zip(good, result.items, strict=True):
+            outcomes[i] = Outcome(item.probs, item.attention, len(good), inference_ms, 0.0)
+        return outcomes
+
+    def _decode_on_device(self, jpegs: list[bytes]) -> list[Image | ApiError]:
+        """JPEGs -> HWC uint8 on the device, in one batched call (nvJPEG on CUDA).
+
+        What the device decoder refuses (CMYK, progressive on some hardware, broken files)
+        goes through Pillow one by one, with the same 4xx table as an upload decoded on the CPU.
+        """
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        device = self.device
+        min_side = self.info.resize_size
+        tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+        out: list[Image | ApiError] = []
+        try:
+            decoded = decode_jpeg(
+                tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True
+            )
+            out = [_reduce_on_device(chw, min_side) for chw in decoded]
+        except Exception as exc:  # one bad file fails the batched call: go one by one
+            _logger.debug("batched device decode failed (%s); decoding one by one", exc)
+            for data, tensor in zip(jpegs, tensors, strict=True):
+                try:
+                    chw = decode_jpeg(
+                        tensor, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True
+                    )
+                    out.append(_reduce_on_device(chw, min_side))
+                except Exception:
+                    out.append(self._pillow(data, min_side))
+        return out
+
+    def _pillow(self, data: bytes, min_side: int) -> np.ndarray | ApiError:
+        try:
+            return decode_image(data, min_short_side=min_side, limits=self._limits).pixels
+        except ApiError as exc:
+            return exc
 
     @torch.inference_mode()
     def run(self, images: Sequence[Image], modes: Sequence[AttentionMode]) -> BatchResult:
@@ -333,3 +457,15 @@ def _normalize(weights: torch.Tensor) -> torch.Tensor:
     weights = weights.clamp_min(0)
     total = weights.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, weights / total.clamp_min(1e-12), 1.0 / weights.shape[-1])
+
+
+def _reduce_on_device(chw: torch.Tensor, min_side: int) -> torch.Tensor:
+    """CHW uint8 -> HWC uint8, box-reduced by an integer factor like the Pillow path."""
+    factor = min(chw.shape[1], chw.shape[2]) // min_side
+    if factor >= 2:
+        pooled = torch.nn.functional.avg_pool2d(chw.unsqueeze(0).float(), factor, ceil_mode=True)
+        chw = pooled.squeeze(0).round_().to(torch.uint8)
+    return chw.permute(1, 2, 0)
+
+
+_NO_OUTCOME = ApiError(500, "inference_failed", "The model gave no answer for this image.")

@@ -29,7 +29,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from .errors import ApiError
+from ..errors import ApiError
 
 __all__ = [
     "ALLOWED_FORMATS",

@@ -12,12 +12,21 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DEFAULT_MODEL", "REPO_ROOT", "Settings", "load_settings"]
+__all__ = [
+    "ATTENTION_MODES",
+    "DEFAULT_MODEL",
+    "REPO_ROOT",
+    "AttentionMode",
+    "Settings",
+    "load_settings",
+]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = f"local-dir:{REPO_ROOT / 'models' / 'vit-digits'}"
 
+# What attention an answer carries: none, the last block's CLS row, or the rollout over all.
 AttentionMode = Literal["none", "cls", "rollout"]
+ATTENTION_MODES: tuple[AttentionMode, ...] = ("none", "cls", "rollout")
 
 
 class Settings(BaseSettings):
@@ -172,6 +181,14 @@ class Settings(BaseSettings):
         description=(
             "Run a float32 model on the CPU as frozen TorchScript graphs (traced at warm-up), "
             "so a forward pass does not wait for the GIL at every op."
+        ),
+    )
+    test_gate: str = Field(
+        "",
+        description=(
+            "Tests only: a file; while it exists, the model does not load and each batch waits "
+            "before it runs, and the file says which batch waits and how many images queue "
+            "behind it ('held=N queued=M'). Empty = off."
         ),
     )
 

@@ -8,26 +8,35 @@ Policy (measured against BentoML's adaptive dispatcher, see docs/ARCHITECTURE.md
   nothing is learned from past load, so a burst leaves no lasting delay behind it.
 - The queue is bounded: past ``max_queue`` waiting images, ``submit`` raises ``Overloaded`` at
   once (the HTTP layer answers 503 with Retry-After) instead of letting latency grow unbounded.
+
+Tests hold the model with a gate (``MicroBatcher.gate``; ``FileGate`` for a server in another
+process, ``VIT_TEST_GATE``): called on the model thread with each batch before it runs, it may
+block, and the queue keeps filling meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Generic, TypeVar
 
-__all__ = ["BatchStats", "MicroBatcher", "Overloaded"]
+__all__ = ["BatchStats", "FileGate", "Gate", "MicroBatcher", "Overloaded"]
 
 _logger = logging.getLogger(__name__)
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+
+# Called on the model thread with each batch's size before the batch runs; may block (tests).
+Gate = Callable[[int], None]
 
 
 class Overloaded(Exception):
@@ -88,6 +97,7 @@ class MicroBatcher(Generic[In, Out]):
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vit-model")
         self._last_run_s = 0.0
+        self.gate: Gate | None = None
 
     @property
     def queued(self) -> int:
@@ -144,7 +154,7 @@ class MicroBatcher(Generic[In, Out]):
             started = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(
-                    self._executor, self._run_batch, [p.item for p in batch]
+                    self._executor, self._run, [p.item for p in batch]
                 )
             except Exception as exc:  # the batch failed as a whole: each caller gets the error
                 _logger.exception("batch of %d failed", len(batch))
@@ -159,6 +169,12 @@ class MicroBatcher(Generic[In, Out]):
                     p.future.set_result((out, wait))
             if self._on_batch is not None:
                 self._on_batch(BatchStats(len(batch), waits))
+
+    def _run(self, items: list[In]) -> Sequence[Out]:
+        gate = self.gate
+        if gate is not None:
+            gate(len(items))
+        return self._run_batch(items)
 
     async def _gather_more(self) -> None:
         """Wait (bounded) for requests still decoding, if the batch has room for them."""
@@ -186,3 +202,42 @@ class MicroBatcher(Generic[In, Out]):
             p.future.cancel()
         self._queue.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class FileGate:
+    """A gate a test in another process holds with a file (``VIT_TEST_GATE``): while ``path``
+    exists, the model waits (polling every few milliseconds), and the file says what waits:
+    ``loading``, or ``held=N queued=M`` (the batch held and the images queued behind it).
+    Deleting the file releases it; a gate whose file is gone lets everything through.
+
+    Args:
+        path: the file.
+        queued: how many images are queued now.
+    """
+
+    POLL_S = 0.005
+
+    def __init__(self, path: Path, queued: Callable[[], int] = lambda: 0) -> None:
+        self.path = path
+        self.queued = queued
+
+    def hold(self, say: Callable[[], str]) -> None:
+        """Wait while the file exists, writing ``say()`` into it whenever that changes."""
+        said = None
+        while True:
+            try:  # never create the file: once the test deletes it, nothing holds
+                fd = os.open(self.path, os.O_WRONLY)
+            except FileNotFoundError:
+                return
+            try:
+                now = say()
+                if now != said:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, now.encode(), 0)
+                    said = now
+            finally:
+                os.close(fd)
+            time.sleep(self.POLL_S)
+
+    def __call__(self, size: int) -> None:
+        self.hold(lambda: f"held={size} queued={self.queued()}\n")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 from timm.data import ImageNetInfo, resolve_model_data_config
+
+from .geometry import resize_sides
 
 __all__ = [
     "SUPPORTED_FAMILY",
@@ -97,7 +98,7 @@ class ModelInfo:
     @property
     def resize_size(self) -> int:
         """Shorter-side size the eval transform resizes to before its center crop."""
-        return math.floor(max(self.input_size[1:]) / self.crop_pct)
+        return max(resize_sides(self.input_size, self.crop_pct))
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view (labels left out: they can be long)."""

@@ -1,0 +1,1 @@
+"""The model hop between HTTP workers and model processes: wire format, client, server."""

@@ -1,0 +1,1 @@
+"""What runs the model: loading, geometry, imaging, the engine, batching, the runner."""

@@ -1,0 +1,1 @@
+"""How the server runs: settings, the process plan, CPUs, the run folder, drain, the server seam."""

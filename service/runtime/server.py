@@ -1,0 +1,466 @@
+"""The one seam between ViT Serve and the servers it runs in: uvicorn (each worker's HTTP server),
+BentoML's arbiter (circus) and BentoML's HTTP traffic metrics.
+
+``install`` is called once, by the composition root. It replaces three attributes of
+third-party modules and nothing else (``tests/unit/test_seam.py`` lists them, and fails when
+one more appears or a pinned release no longer has the hook):
+
+1. ``uvicorn.Server`` -> ``WorkerServer``. BentoML's worker script serves with
+   ``uvicorn.Server(config).run(sockets=[socket])`` and has no other way in. The subclass gives
+   each worker its own listening socket, serves the front door's app with ``WorkerProtocol``
+   (uvicorn's ``Config`` takes the protocol as a class), and drains on SIGTERM.
+2. ``bentoml._internal.utils.circus.create_standalone_arbiter`` -> ``_arbiter``. In the arbiter
+   (the ``bentoml serve`` process): its workers are restarted in containers too, its API socket
+   only reserves the port, and the server's run folder is claimed.
+3. ``bentoml._internal.server.http.instruments.RunnerTrafficMetricsMiddleware`` -> a subclass
+   whose path labels are bounded and that counts scrapes of ``/metrics``.
+
+Each worker (``WorkerServer``, ``WorkerProtocol``):
+
+- **Its own listening socket.** BentoML's arbiter binds one TCP socket and hands it to every
+  worker; the workers race to ``accept`` on it, and asyncio accepts up to a backlog's worth of
+  connections per wake-up, so the first worker to wake takes a whole burst (16 keep-alive
+  clients against two workers all landed on one). Here the arbiter's socket, with
+  ``SO_REUSEPORT``, is bound but never listens (it only reserves the port), and each worker
+  listens on a socket of its own bound to the same address: the kernel spreads new connections.
+- **The admission gate.** As soon as a request's headers are parsed, the front door may answer
+  it with pre-rendered bytes (``Front.gate``): the app never runs, the body is skipped and the
+  connection kept.
+- **Drain** (``service/runtime/drain.py``): on SIGTERM, unready at once and ``Connection:
+  close`` on every answer; after the drain delay, the listeners are swept (connections queued
+  in the kernel are served, not reset) and closed, idle connections linger briefly, and what was
+  accepted is answered within the grace period. A worker whose arbiter dies drains too.
+- **Header deadline.** A connection must deliver each request's headers within
+  ``VIT_HEADER_TIMEOUT_S`` (from its first byte, or from the connection's start), else a 408
+  in our shape and it is closed: uvicorn alone restarts its keep-alive timer on every byte, so a
+  slowloris connection is kept forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import uvicorn
+from bentoml._internal.server.http import instruments
+from bentoml._internal.utils import circus as bento_circus
+from circus.sockets import CircusSocket
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .drain import DRAIN, stop_with_parent
+from .runfolder import claim_run_folder, load_failure_reported
+from .settings import Settings
+
+__all__ = [
+    "UNMATCHED_PATH",
+    "Front",
+    "WorkerProtocol",
+    "WorkerServer",
+    "install",
+    "replaced",
+    "serving_runtime",
+    "worker_socket",
+]
+
+_logger = logging.getLogger(__name__)
+
+# How long an idle connection stays open once the server stops admitting: a request already
+# sent on it (crossing our close on the wire) arrives within this and is still answered.
+LINGER_S = 0.5
+UNMATCHED_PATH = "/(unmatched)"
+_API_SOCKET = "_bento_api_server"  # bentoml's API_SERVER_NAME
+_ORIGINAL_PATH = "vit.original_path"
+
+
+class Front(Protocol):
+    """What the integration asks of the HTTP side (``service/web/routes.py``)."""
+
+    def wrap(self, app: Any) -> Any:
+        """The ASGI app a worker serves, around BentoML's ``app``."""
+
+    def gate(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+        """A whole answer to send right after the headers, or None to let the request in."""
+
+    def header_timeout(self, seconds: float) -> bytes:
+        """Count a connection closed for slow headers; the 408's bytes."""
+
+    def known_paths(self) -> Collection[str]:
+        """Paths that get their own traffic label."""
+
+
+@dataclass
+class _Installed:
+    front: Front
+    header_timeout_s: float
+    config: Any = None  # the uvicorn Config this worker serves with, once serving
+
+
+_INSTALLED: list[_Installed] = []
+_ORIGINALS: dict[str, Any] = {}
+
+
+def install(settings: Settings, front: Front) -> None:
+    """Hand the servers our classes (idempotent: a second call only changes the front)."""
+    DRAIN.delay_s, DRAIN.grace_s = settings.drain_delay_s, settings.grace_period_s
+    DRAIN.skip_delay = load_failure_reported
+    _INSTALLED[:] = [_Installed(front, settings.header_timeout_s)]
+    if _ORIGINALS:
+        return
+    _ORIGINALS["uvicorn.Server"] = uvicorn.Server
+    _ORIGINALS["create_standalone_arbiter"] = bento_circus.create_standalone_arbiter
+    _ORIGINALS["RunnerTrafficMetricsMiddleware"] = instruments.RunnerTrafficMetricsMiddleware
+    uvicorn.Server = WorkerServer  # type: ignore[misc]
+    bento_circus.create_standalone_arbiter = _arbiter
+    instruments.RunnerTrafficMetricsMiddleware = _bounded_traffic_metrics(  # type: ignore[misc]
+        _ORIGINALS["RunnerTrafficMetricsMiddleware"]
+    )
+
+
+def replaced() -> dict[str, str]:
+    """What ``install`` replaced, by its dotted name: the seam's reason for each."""
+    return {
+        "uvicorn.Server": "each worker's own socket, the front door's app and protocol, drain",
+        "bentoml._internal.utils.circus.create_standalone_arbiter": (
+            "respawn in containers, the API socket only reserves the port, the run folder"
+        ),
+        "bentoml._internal.server.http.instruments.RunnerTrafficMetricsMiddleware": (
+            "bounded path labels, scrapes counted"
+        ),
+    }
+
+
+def serving_runtime() -> dict[str, str]:
+    """The event loop and HTTP parser this process really runs (asked, not assumed)."""
+    loop = type(asyncio.get_running_loop())
+    config = _INSTALLED[0].config if _INSTALLED else None
+    protocol = getattr(config, "http_protocol_class", None)
+    if isinstance(protocol, type) and issubclass(protocol, HttpToolsProtocol):
+        protocol = HttpToolsProtocol  # ours only adds to uvicorn's httptools protocol
+    return {
+        "event_loop": f"{loop.__module__}.{loop.__qualname__}",
+        "http_protocol": "unknown"
+        if protocol is None
+        else f"{protocol.__module__}.{protocol.__qualname__}",
+    }
+
+
+# --- each worker's server ------------------------------------------------------------------
+class WorkerServer(uvicorn.Server):
+    """A worker's uvicorn server: its own socket, the front door's app, our protocol, drain."""
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        installed = _INSTALLED[0]
+        installed.config = config = self.config
+        stop_with_parent()
+        config.http = WorkerProtocol
+        config.app = installed.front.wrap(config.app)
+        if sockets:
+            sockets = [worker_socket(sock, config.backlog) for sock in sockets]
+        super().run(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # A signal handler: only flags here; the server's tick acts on them.
+        first = DRAIN.started is None and not self.should_exit
+        delay = first and sig == signal.SIGTERM and DRAIN.delay_s > 0
+        DRAIN.begin(delay=delay and not DRAIN.skip_delay())
+        self._stop_signal = sig
+        if DRAIN.delay_elapsed():
+            super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if DRAIN.started is not None and not self.should_exit and DRAIN.delay_elapsed():
+            super().handle_exit(getattr(self, "_stop_signal", signal.SIGTERM), None)
+        return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Stop admitting: sweep each listener (serve what the kernel queued), close it in the
+        same loop turn, then uvicorn's own shutdown within what is left of the grace period."""
+        DRAIN.begin(delay=False)
+        self.config.timeout_graceful_shutdown = DRAIN.grace_left()  # type: ignore[assignment]
+        loop = asyncio.get_running_loop()
+        protocol: Any = self.config.http_protocol_class
+        factory = functools.partial(
+            protocol,
+            config=self.config,
+            server_state=self.server_state,
+            app_state=self.lifespan.state,
+        )
+        queued: list[socket.socket] = []
+        for server in self.servers:
+            for listener in server.sockets:
+                queued.extend(_accept_queued(listener))
+            server.close()  # right after the sweep: nothing new can queue in between
+        for conn in queued:
+            with contextlib.suppress(OSError):
+                await loop.connect_accepted_socket(factory, conn)
+        if queued:
+            _logger.info("served %d connection(s) still queued at stop", len(queued))
+        await super().shutdown(sockets)
+
+
+def worker_socket(inherited: socket.socket, backlog: int) -> socket.socket:
+    """This worker's own listening socket on the inherited socket's address, when the arbiter
+    left that socket bound with ``SO_REUSEPORT`` and not listening; else ``inherited``."""
+    try:
+        if inherited.family not in (socket.AF_INET, socket.AF_INET6) or not hasattr(
+            socket, "SO_REUSEPORT"
+        ):
+            return inherited
+        reuse = inherited.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        listening = inherited.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if not reuse or listening:
+            return inherited
+        own = socket.socket(inherited.family, socket.SOCK_STREAM)
+        own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        own.bind(inherited.getsockname())
+        own.listen(backlog)
+        own.set_inheritable(False)
+    except OSError as exc:
+        _logger.warning("keeping the shared listening socket (%s)", exc)
+        return inherited
+    inherited.close()
+    return own
+
+
+def _accept_queued(listener: Any) -> list[socket.socket]:
+    """Accept every connection the kernel has queued on ``listener`` (non-blocking)."""
+    accepted: list[socket.socket] = []
+    try:
+        sock = socket.socket(fileno=os.dup(listener.fileno()))
+    except OSError:
+        return accepted
+    try:
+        sock.setblocking(False)
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:  # nothing more queued (BlockingIOError), or the socket is gone
+                break
+            conn.setblocking(False)
+            accepted.append(conn)
+    finally:
+        sock.close()
+    return accepted
+
+
+# --- each connection -------------------------------------------------------------------------
+class _NoEvent:
+    """The message event of an answered request: nothing waits on it."""
+
+    def set(self) -> None:
+        pass
+
+
+class _Answered:
+    """Stands in for uvicorn's request/response cycle of a request the gate answered. Nothing
+    changes it once answered (uvicorn skips the body of a complete response), so two serve
+    every such request: keep-alive or not (``_ANSWERED``)."""
+
+    response_complete = True
+    disconnected = False
+    more_body = False
+    body = b""
+    message_event = _NoEvent()
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+
+
+_ANSWERED = {True: _Answered(True), False: _Answered(False)}
+
+
+class WorkerProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus the gate, the header deadline and the drain."""
+
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()  # a connection that never sends a byte is bounded too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_timer is None:
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        if self._idle() and self._gated():
+            return
+        super().on_headers_complete()
+        if DRAIN.started is not None and self.cycle is not None:
+            self.cycle.keep_alive = False  # uvicorn then answers with Connection: close
+
+    def shutdown(self) -> None:
+        if not self._idle():
+            self.cycle.keep_alive = False
+            return
+        self.loop.call_later(LINGER_S, self._close_if_idle)
+
+    def _idle(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _gated(self) -> bool:
+        if self.parser.should_upgrade():
+            return False
+        answer = _INSTALLED[0].front.gate(self.parser.get_method(), self.url, self.headers)
+        if answer is None:
+            return False
+        keep_alive = (
+            self.parser.get_http_version() == "1.1"
+            and self.parser.should_keep_alive()
+            and DRAIN.started is None
+        )
+        self.cycle = _ANSWERED[keep_alive]  # type: ignore[assignment]
+        if keep_alive:
+            self.transport.write(answer)
+        else:  # mark the answer as the connection's last
+            head, _, body = answer.partition(b"\r\n\r\n")
+            self.transport.write(head + b"\r\nconnection: close\r\n\r\n" + body)
+        self.on_response_complete()
+        if not keep_alive:
+            self.loop.call_later(LINGER_S, self._close_if_idle)  # let the body arrive first
+        return True
+
+    def _arm(self) -> None:
+        self._disarm()
+        timeout_s = _INSTALLED[0].header_timeout_s
+        self._header_timer = self.loop.call_later(timeout_s, self._header_timeout)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or not self._idle():
+            return
+        installed = _INSTALLED[0]
+        with contextlib.suppress(Exception):  # counting must not keep the connection open
+            self.transport.write(installed.front.header_timeout(installed.header_timeout_s))
+        self.transport.close()
+
+    def _close_if_idle(self) -> None:
+        if self._idle() and not self.transport.is_closing():
+            self.transport.close()
+
+
+# --- the arbiter -----------------------------------------------------------------------------
+class _PortReservation(CircusSocket):
+    """The API socket as the arbiter holds it: bound with ``SO_REUSEPORT``, never listening (a
+    bound socket that does not listen receives no connections); each worker listens on a socket
+    of its own on the same address (``worker_socket``). Not circus' own ``so_reuseport``
+    option: circus then leaves the socket unbound and binds one per process only for watchers
+    it configured itself."""
+
+    def bind_and_listen(self) -> None:
+        self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.bind((self.host, self.port))
+
+
+def _arbiter(watchers: list[Any], **kwargs: Any) -> Any:
+    """BentoML's arbiter, with what the server needs of it:
+
+    - every watcher respawns its processes, in a container too: BentoML leaves restarts to the
+      orchestrator there (``BENTOML_CONTAINERIZED``), but the orchestrator sees only the
+      container, which stays up: a dead replica would silently halve capacity and a dead model
+      process would leave every request 503 for good;
+    - the API socket only reserves the port (``_PortReservation``), where the platform has
+      ``SO_REUSEPORT``;
+    - the run folder is claimed (empty at start, removed at exit).
+    """
+    claim_run_folder()
+    for watcher in watchers:
+        watcher.respawn = True
+    if hasattr(socket, "SO_REUSEPORT"):
+        kwargs["sockets"] = [_reserved(sock) for sock in kwargs.get("sockets", [])]
+    return _ORIGINALS["create_standalone_arbiter"](watchers, **kwargs)
+
+
+def _reserved(sock: CircusSocket) -> CircusSocket:
+    if sock.name != _API_SOCKET or sock.is_unix:
+        return sock
+    reservation = _PortReservation(
+        name=sock.name,
+        host=sock.host,
+        port=sock.port,
+        family=sock.family,
+        backlog=sock.backlog,
+    )
+    sock.close()
+    return reservation
+
+
+# --- BentoML's traffic metrics ---------------------------------------------------------------
+def _bounded_traffic_metrics(base: Any) -> Any:
+    """BentoML's traffic middleware, labelling paths that are no route with a constant.
+
+    The original labels every request with its raw path and stores one series per label set in
+    the multiprocess files, so a scan of random URLs grows them (and the time to render
+    /metrics) without bound. The subclass shows it ``UNMATCHED_PATH`` instead of an unknown
+    path, while the request itself travels on with its real path (and still gets its 404). It
+    also counts scrapes of ``/metrics``, which the original leaves out.
+    """
+
+    class _RestorePath:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            original = scope.get(_ORIGINAL_PATH)
+            if original is not None:
+                scope = {**scope, "path": original}
+            await self.app(scope, receive, send)
+
+    class BoundedTrafficMetricsMiddleware(base):
+        def __init__(self, app: Any, **options: Any) -> None:
+            super().__init__(_RestorePath(app), **options)
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["path"] == "/metrics":
+                await self._count_scrape(scope, receive, send)
+                return
+            known = _INSTALLED[0].front.known_paths() if _INSTALLED else ()
+            if scope["type"].startswith("http") and scope["path"] not in known:
+                scope = {**scope, "path": UNMATCHED_PATH, _ORIGINAL_PATH: scope["path"]}
+            await super().__call__(scope, receive, send)
+
+        async def _count_scrape(self, scope: Any, receive: Any, send: Any) -> None:
+            from bentoml._internal.context import server_context
+
+            if not self._is_setup:
+                self._setup()
+            started, status = time.perf_counter(), [0]
+
+            async def noting(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                await send(message)
+
+            await self.app(scope, receive, noting)
+            labels = {
+                "endpoint": "/metrics",
+                "service_name": server_context.bento_name,
+                "service_version": server_context.bento_version,
+                "http_response_code": status[0],
+                "runner_name": server_context.service_name,
+            }
+            self.metrics_request_total.labels(**labels).inc()
+            self.metrics_request_duration.labels(**labels).observe(time.perf_counter() - started)
+
+    return BoundedTrafficMetricsMiddleware

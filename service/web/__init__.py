@@ -1,0 +1,1 @@
+"""The HTTP worker: front doors, admission, the request pipeline, answers."""

@@ -1,0 +1,97 @@
+"""Admission: an HTTP worker refuses a classification request cheaply, before its body is read,
+when it already works on ``VIT_MAX_CONCURRENCY`` requests or the model's queue is full.
+
+``Admission.gate`` is asked by the HTTP protocol as soon as a request's headers are parsed
+(``service/runtime/server.py``): a refusal is written straight to the socket as pre-rendered
+bytes, without an ASGI task, request or response object, and the body is skipped with the
+connection kept. Under overload refusals are most answers, so everything they need (the two
+errors, their bytes, their counters) is made once. Refusals are counted, not access-logged: under
+overload a line each would be a log storm.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ApiError, overloaded
+from ..metrics import Metrics
+from .answers import refusal_bytes
+from .reading import request_id
+
+if TYPE_CHECKING:
+    from ..backend import Backend
+
+__all__ = ["ENDPOINTS", "Admission"]
+
+# The classification routes, by path: the endpoint label their requests are counted under.
+ENDPOINTS = {"/classify": "classify", "/classify_batch": "classify_batch"}
+_GATED = {path.encode(): endpoint for path, endpoint in ENDPOINTS.items()}
+
+
+class Admission:
+    """This worker's requests in flight, and the refusals and counts of its classification routes.
+
+    Args:
+        limit: requests this worker works on at once (``Settings.concurrency_limit``).
+        backend: the model, asked whether its queue is full.
+        metrics: where requests and refusals are counted.
+    """
+
+    def __init__(self, limit: int, backend: Backend, metrics: Metrics) -> None:
+        self.limit = limit
+        self.backend = backend
+        self.metrics = metrics
+        self.active = 0  # classification requests admitted and not yet answered
+        self._at_limit = overloaded(
+            f"This server is at its limit of {limit} requests at once per worker; retry shortly."
+        )
+        self._queue_full = overloaded("The model's queue is full; retry shortly.")
+        self._counters: dict[tuple[str, int], Any] = {}
+        self._errors: dict[str, Any] = {}
+
+    def check(self) -> ApiError | None:
+        """The refusal for a request arriving now, if any: too many requests in this worker, or
+        the model's queue already full (its bound counts images, so one image is the least)."""
+        if self.active >= self.limit:
+            return self._at_limit
+        if self.backend.queue_full:
+            return self._queue_full
+        return None
+
+    def gate(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+        """A classification request this worker cannot admit, answered right after its
+        headers: the whole answer's bytes, or None to let the request in."""
+        if method != b"POST":
+            return None
+        endpoint = _GATED.get(url.partition(b"?")[0])
+        if endpoint is None:
+            return None
+        refusal = self.check()
+        if refusal is None:
+            return None
+        self.refused(endpoint, refusal)
+        given = next((value for name, value in headers if name == b"x-request-id"), b"")
+        head, tail = refusal_bytes(refusal)
+        return head + request_id(given.decode("latin-1")).encode() + tail
+
+    def refused(self, endpoint: str, error: ApiError) -> None:
+        """A request answered with ``error`` outside its handler (admission, deadline, bug):
+        counted in ``vit_requests_total`` and ``vit_image_errors_total``."""
+        self._requests(endpoint, error.status).inc()
+        errors = self._errors.get(error.code)
+        if errors is None:
+            errors = self._errors[error.code] = self.metrics.image_errors.labels(code=error.code)
+        errors.inc()
+
+    def answered(self, endpoint: str, status: int) -> None:
+        """One answered request in ``vit_requests_total``."""
+        self._requests(endpoint, status).inc()
+
+    def _requests(self, endpoint: str, status: int) -> Any:
+        # The labelled child, looked up once (labels() costs ~5 us, more than the increment).
+        counter = self._counters.get((endpoint, status))
+        if counter is None:
+            counter = self._counters[endpoint, status] = self.metrics.requests.labels(
+                endpoint=endpoint, status=status
+            )
+        return counter

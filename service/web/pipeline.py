@@ -1,0 +1,178 @@
+"""What an HTTP worker does with the images of a request, whatever front door they came through:
+decode, send to the model, paint heatmaps, count.
+
+Each upload is decoded and validated on its own (inline when small, else in this worker's decode
+pool) before it goes to the model, so a bad image can only ever fail itself. The model is the
+worker's ``Backend`` (``service/backend.py``): its own model or the model processes; the pipeline
+never asks which. The front door turns the ``Scored`` images into its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from ..errors import ApiError
+from ..metrics import Metrics
+from ..model.engine import Outcome, Work
+from ..model.imaging import DecodedImage, ImageLimits, decode_image, inspect_image
+from ..runtime.settings import Settings
+from .heatmaps import heatmap_png
+from .options import Options
+from .reading import Upload
+
+if TYPE_CHECKING:
+    from ..backend import Backend
+
+__all__ = ["INLINE_DECODE_BYTES", "ImageFacts", "Pipeline", "Scored"]
+
+# Uploads up to this size are decoded on the event loop (see Pipeline._prepare).
+INLINE_DECODE_BYTES = 32 * 1024
+
+
+class ImageFacts(Protocol):
+    """What an answer says about the upload (``DecodedImage`` or ``ImageHeader``)."""
+
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One image of a request, through the model: its answer's parts, or its error."""
+
+    facts: ImageFacts | None  # None: refused before its header could be read
+    result: Outcome | ApiError
+    decode_s: float
+    heatmap_png: str | None = None
+    heatmap_s: float = 0.0
+
+
+# One upload after decoding: its facts (or error), the model's Work, the decode seconds.
+_Prepared = tuple[ImageFacts | ApiError, Work | None, float]
+
+
+class Pipeline:
+    """Decode -> model -> heatmaps for one HTTP worker."""
+
+    def __init__(
+        self, settings: Settings, metrics: Metrics, backend: Backend, decode_threads: int
+    ) -> None:
+        self.metrics = metrics
+        self.backend = backend
+        self.limits = ImageLimits(
+            max_pixels=settings.max_pixels,
+            min_side=settings.min_side,
+            max_aspect_ratio=settings.max_aspect_ratio,
+        )
+        self._pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="vit-decode")
+
+    def close(self) -> None:
+        """Stop the decode threads."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run(
+        self,
+        uploads: Sequence[Upload],
+        options: Options,
+        announced: contextlib.ExitStack | None = None,
+    ) -> list[Scored]:
+        """Each upload through the model, in order.
+
+        ``announced``: the request's announcement to the batcher (``Backend.arriving``), closed
+        here once the images are decoded: a replica's idle model waits for announced requests.
+
+        Raises:
+            ApiError: the model refused the whole request (not ready, overloaded, failed).
+        """
+        try:
+            prepared = await self._prepare(uploads, options)
+        finally:
+            if announced is not None:
+                announced.close()
+        good = [i for i, (_, work, _) in enumerate(prepared) if work is not None]
+        outcomes = await self.backend.infer([prepared[i][1] for i in good])  # type: ignore[misc]
+        done = dict(zip(good, outcomes, strict=True))
+        scored: list[Scored] = []
+        for index, (facts, _work, decode_s) in enumerate(prepared):
+            out = done.get(index)
+            if isinstance(facts, ApiError) or out is None:
+                scored.append(Scored(None, facts if isinstance(facts, ApiError) else _LOST, 0.0))
+                continue
+            if isinstance(out, ApiError):
+                scored.append(Scored(facts, out, decode_s))
+                continue
+            self.metrics.observe_stage("decode", decode_s)
+            scored.append(await self._painted(facts, out, decode_s, options))
+        self.count([each.result for each in scored])
+        return scored
+
+    def count(self, results: Sequence[Outcome | ApiError]) -> None:
+        """Count each image's outcome (and each error's code) in the metrics."""
+        for result in results:
+            if isinstance(result, ApiError):
+                outcome = "client_error" if result.status < 500 else "server_error"
+                self.metrics.images.labels(outcome=outcome).inc()
+                self.metrics.image_errors.labels(code=result.code).inc()
+            else:
+                self.metrics.images.labels(outcome="ok").inc()
+
+    async def _prepare(self, uploads: Sequence[Upload], options: Options) -> list[_Prepared]:
+        """Decode (or, for the device, inspect) each upload: its facts or error, its Work."""
+        backend = self.backend
+        on_device = backend.decodes_on_device and not options.heatmap
+        min_side = backend.info.resize_size
+        loop = asyncio.get_running_loop()
+
+        def prepare(upload: Upload) -> _Prepared:
+            t0 = time.perf_counter()
+            try:
+                if on_device:
+                    header = inspect_image(upload.data, limits=self.limits)
+                    if header.format == "JPEG":
+                        work = Work(options.attention, jpeg=upload.data)
+                        return header, work, time.perf_counter() - t0
+                image = decode_image(upload.data, min_short_side=min_side, limits=self.limits)
+                return image, Work(options.attention, image.pixels), time.perf_counter() - t0
+            except ApiError as exc:
+                return exc, None, time.perf_counter() - t0
+
+        if len(uploads) == 1 and len(uploads[0].data) <= INLINE_DECODE_BYTES:
+            # A small upload decodes in well under a millisecond: cheaper here than the two
+            # thread hand-offs (and GIL switches) of a trip through the pool.
+            return [prepare(uploads[0])]
+        with backend.arriving(len(uploads)):
+            return list(
+                await asyncio.gather(
+                    *(loop.run_in_executor(self._pool, prepare, upload) for upload in uploads)
+                )
+            )
+
+    async def _painted(
+        self, facts: ImageFacts, out: Outcome, decode_s: float, options: Options
+    ) -> Scored:
+        """The image's Scored, with its heatmap when asked (painted in the decode pool)."""
+        if not (options.heatmap and out.attention is not None and isinstance(facts, DecodedImage)):
+            return Scored(facts, out, decode_s)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        png = await loop.run_in_executor(
+            self._pool, heatmap_png, facts, out.attention, self.backend.info
+        )
+        return Scored(facts, out, decode_s, png, time.perf_counter() - started)
+
+
+_LOST = ApiError(500, "inference_failed", "The model gave no answer for this image.")

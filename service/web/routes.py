@@ -1,0 +1,273 @@
+"""The native HTTP API, the worker's front door: ``POST /classify``, ``POST /classify_batch``,
+``GET /model`` and the page at ``/ui``.
+
+``Front`` is what the server integration (``service/runtime/server.py``) asks of the HTTP side:
+the app each worker serves (``wrap``), the admission gate, the header deadline's answer, and the
+paths that get their own traffic label. The routes live on a FastAPI app mounted into the
+BentoML service, so ``/docs.json`` documents them beside BentoML's ``/healthz``, ``/livez``,
+``/readyz`` and ``/metrics``.
+
+The classification routes are served straight from the worker, past BentoML's per-request
+middleware (context, a timeout task, traffic metrics, OpenTelemetry, access log, error page):
+for a small model they cost more than the model, one replica served ~30% more requests per
+second without them (docs/ARCHITECTURE.md). What they gave these routes the worker keeps
+(``HttpWorker.handle``): the request timeout (504 JSON), a 500 JSON for an unexpected error,
+per-request metrics; the access log line is written here. With ``VIT_TRACING=true`` the routes
+go through BentoML's app like the rest, so they are traced; either way they reach the worker by
+``Front.classify``. Every other request's 404 or 405 is answered in our error shape too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from ..errors import ApiError
+from ..runtime.settings import Settings
+from .admission import ENDPOINTS
+from .answers import AnswerBuilder, JsonResponse, error_response, header_timeout_bytes
+from .options import parse_options
+from .reading import read_request, request_id
+from .schemas import BatchItem, ClassifyResponse, ErrorResponse, ModelResponse, classify_request
+from .worker import HttpWorker
+
+__all__ = ["UI_DIR", "Front"]
+
+_access_log = logging.getLogger("bentoml.access")
+
+UI_DIR = Path(__file__).parent / "ui"
+# BentoML's own pages: they get their own traffic label too.
+_BENTO_PATHS = ("/", "/docs.json", "/schema.json", "/healthz", "/livez", "/readyz", "/metrics")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 405, 408, 413, 415, 422, 503, 504)
+}
+
+
+class Front:
+    """This process's HTTP front door; the worker is attached once BentoML has built it (the
+    model process has none: everything passes through to BentoML's app).
+
+    Args:
+        settings: the service's settings.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.worker: HttpWorker | None = None
+        self.app = _native_api(self, settings)
+        self._answers: AnswerBuilder | None = None
+        self._known: frozenset[str] | None = None
+
+    def attach(self, worker: HttpWorker) -> None:
+        """Serve the classification routes from ``worker``."""
+        self.worker = worker
+
+    # --- what the server integration asks ------------------------------------------------
+    def wrap(self, app: Any) -> Any:
+        """The ASGI app a worker serves: the classification routes straight from the worker,
+        everything else through BentoML's ``app`` with 404 and 405 in our shape."""
+        bypass = not self.settings.tracing
+        access_log = self.settings.access_log
+
+        async def serve(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            endpoint = ENDPOINTS.get(scope["path"])
+            if endpoint is None or scope["method"] != "POST" or self.worker is None or not bypass:
+                await app(scope, receive, _in_our_shape(scope, send))
+                return
+            started = time.perf_counter()
+            response = await self.classify(Request(scope, receive), endpoint)
+            await response(scope, receive, send)
+            if access_log:
+                client = scope.get("client") or ("-", 0)
+                _access_log.info(
+                    "%s:%s (scheme=http,method=POST,path=%s) (status=%d,size=%d) %.3fms",
+                    client[0],
+                    client[1],
+                    scope["path"],
+                    response.status_code,
+                    len(response.body),
+                    (time.perf_counter() - started) * 1e3,
+                )
+
+        return serve
+
+    def gate(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+        """The admission gate, asked right after a request's headers (off while tracing: a
+        refusal would go untraced)."""
+        if self.worker is None or self.settings.tracing:
+            return None
+        return self.worker.admission.gate(method, url, headers)
+
+    def header_timeout(self, seconds: float) -> bytes:
+        """A connection's headers came too late: count it; the 408's bytes."""
+        if self.worker is not None:
+            error = ApiError(408, "header_timeout", "The request headers came too late.")
+            self.worker.admission.refused("(headers)", error)
+        return header_timeout_bytes(seconds)
+
+    def known_paths(self) -> Collection[str]:
+        """Paths that get their own traffic-metric label: our routes and BentoML's pages."""
+        if self._known is None:
+            self._known = frozenset(self.app.openapi()["paths"]) | {"/ui", "/ui/", *_BENTO_PATHS}
+        return self._known
+
+    # --- the classification routes -------------------------------------------------------
+    async def classify(self, request: Request, endpoint: str) -> Response:
+        """A classification request, refused at once or answered through the worker."""
+        worker = self.worker
+        assert worker is not None, "no HTTP worker in this process"
+        rid = request_id(request.headers.get("x-request-id", ""))
+        refusal = worker.admission.check()
+        if refusal is not None:  # the body stays unread (uvicorn skips it; keep-alive holds)
+            worker.admission.refused(endpoint, refusal)
+            return error_response(refusal, rid)
+        return await worker.handle(
+            endpoint, rid, lambda: self._classify(worker, request, endpoint, rid)
+        )
+
+    async def _classify(
+        self, worker: HttpWorker, request: Request, endpoint: str, rid: str
+    ) -> Response:
+        settings = worker.settings
+        batch = endpoint == "classify_batch"
+        started = time.perf_counter()
+        file_count = 1
+        try:
+            # Announced from the first byte: an idle replica's batcher waits (at most
+            # VIT_MAX_WAIT_MS) for requests still being read and decoded, so they share a batch.
+            with contextlib.ExitStack() as announced:
+                announced.enter_context(worker.backend.arriving(1))
+                info = worker.backend.info
+                try:
+                    async with asyncio.timeout(settings.body_timeout_s):
+                        parsed = await read_request(
+                            request,
+                            file_field="images" if batch else "image",
+                            max_files=settings.max_images_per_request if batch else 1,
+                            max_body_bytes=settings.max_body_bytes,
+                        )
+                except TimeoutError:
+                    raise ApiError(
+                        408,
+                        "body_timeout",
+                        f"The request body did not arrive within {settings.body_timeout_s:g} s.",
+                        {"Connection": "close"},
+                    ) from None
+                file_count = parsed.file_count
+                options = parse_options(
+                    parsed.fields,
+                    info.num_classes,
+                    default_top_k=settings.default_top_k,
+                    default_attention=settings.default_attention,
+                )
+                scored = await worker.pipeline.run(parsed.uploads, options, announced)
+        except ApiError as exc:
+            worker.pipeline.count([exc] * file_count)
+            return error_response(exc, rid)
+        filenames = [upload.filename for upload in parsed.uploads] if batch else None
+        return self._answers_for(worker).respond(
+            scored, options, request_id=rid, started=started, filenames=filenames
+        )
+
+    def _answers_for(self, worker: HttpWorker) -> AnswerBuilder:
+        """The answer builder for the model now served (rebuilt if the model changed)."""
+        info = worker.backend.info
+        if self._answers is None or self._answers.info is not info:
+            self._answers = AnswerBuilder(info, worker.metrics)
+        return self._answers
+
+    async def model(self, request: Request) -> Response:
+        """``GET /model``."""
+        assert self.worker is not None, "no HTTP worker in this process"
+        try:
+            return JsonResponse(await self.worker.describe())
+        except ApiError as exc:
+            return error_response(exc, request_id(request.headers.get("x-request-id", "")))
+
+
+def _native_api(front: Front, settings: Settings) -> FastAPI:
+    """The routes (BentoML serves the merged OpenAPI document at /docs.json; FastAPI's own
+    doc pages stay off)."""
+    app = FastAPI(
+        title="ViT Serve",
+        description="Vision Transformer classification with attention over patches.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.mount("/ui/", StaticFiles(directory=UI_DIR, html=True), name="ui")
+
+    @app.get("/ui", include_in_schema=False)
+    async def ui_root() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
+    @app.post(
+        "/classify",
+        response_model=ClassifyResponse,
+        responses=_ERRORS,
+        summary="Classify one image (multipart field 'image'; optional top_k, attention, heatmap).",
+        openapi_extra=classify_request("image", 1),
+    )
+    async def classify(request: Request) -> Response:
+        return await front.classify(request, "classify")
+
+    @app.post(
+        "/classify_batch",
+        response_model=list[BatchItem],
+        responses=_ERRORS,
+        summary="Classify several images (field 'images' repeated); one slot per image, in order.",
+        openapi_extra=classify_request("images", settings.max_images_per_request),
+    )
+    async def classify_batch(request: Request) -> Response:
+        return await front.classify(request, "classify_batch")
+
+    @app.get("/model", response_model=ModelResponse, responses={503: {"model": ErrorResponse}})
+    async def model(request: Request) -> Response:
+        return await front.model(request)
+
+    return app
+
+
+def _in_our_shape(scope: Any, send: Any) -> Any:
+    """``send``, with a 404 or 405 from the routing replaced by our JSON error."""
+    replaced: dict[str, Any] = {}
+
+    async def shaped(message: Any) -> None:
+        if message["type"] == "http.response.start" and message["status"] in (404, 405):
+            replaced["status"] = message["status"]
+            replaced["allow"] = dict(message.get("headers", [])).get(b"allow", b"").decode()
+            return
+        if not replaced:
+            await send(message)
+            return
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            where, allow = f"{scope['method']} {scope['path']}", replaced["allow"]
+            if replaced["status"] == 404:
+                error = ApiError(404, "not_found", f"Nothing at {where}; the API is at /docs.json.")
+            else:
+                error = ApiError(
+                    405,
+                    "method_not_allowed",
+                    f"{where} is not allowed" + (f"; use {allow}." if allow else "."),
+                    {"Allow": allow} if allow else {},
+                )
+            rid = request_id(Request(scope).headers.get("x-request-id", ""))
+            await error_response(error, rid)({"type": "http"}, _no_receive, send)
+
+    return shaped
+
+
+async def _no_receive() -> Any:
+    return {"type": "http.disconnect"}

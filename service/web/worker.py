@@ -1,0 +1,131 @@
+"""One HTTP worker process: what every front door shares.
+
+``HttpWorker`` holds the worker's model ``Backend``, its ``Admission`` and its ``Pipeline``, and
+runs each admitted request inside one envelope (``handle``): in flight, timed and counted, with
+the request deadline (504 ``inference_timeout``) and an unexpected error (500
+``internal_error``) answered in our shape. A front door (the native API in ``routes.py``; the
+Open Inference Protocol next) reads its own request, calls the pipeline, and writes its own
+answer; it never touches the backend's kind, the counters or the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi.responses import Response
+
+from ..backend import Backend
+from ..errors import ApiError
+from ..metrics import Metrics
+from ..runtime.drain import draining
+from ..runtime.plan import Plan
+from ..runtime.server import serving_runtime
+from ..runtime.settings import Settings
+from .admission import Admission
+from .answers import describe_model, error_response
+from .pipeline import Pipeline
+
+__all__ = ["HttpWorker"]
+
+_logger = logging.getLogger(__name__)
+
+
+class HttpWorker:
+    """One HTTP worker: its backend, admission, pipeline and request envelope.
+
+    Args:
+        settings: the service's settings.
+        plan: the process plan (decode threads, and what ``GET /model`` reports).
+        backend: the model, local or remote.
+        metrics: this process's metrics.
+    """
+
+    def __init__(self, settings: Settings, plan: Plan, backend: Backend, metrics: Metrics) -> None:
+        self.settings = settings
+        self.plan = plan
+        self.backend = backend
+        self.metrics = metrics
+        self.admission = Admission(settings.concurrency_limit, backend, metrics)
+        self.pipeline = Pipeline(settings, metrics, backend, plan.decode_threads)
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Before the worker listens: load the model or connect to it."""
+        await self.backend.start()
+
+    async def is_ready(self) -> bool:
+        """``/readyz``: the model is ready, and this process is not stopping."""
+        return not draining() and await self.backend.is_ready()
+
+    async def close(self) -> None:
+        """At the stop: the backend closes, the decode threads end."""
+        await self.backend.close()
+        self.pipeline.close()
+
+    # --- requests --------------------------------------------------------------------------
+    async def handle(
+        self,
+        endpoint: str,
+        request_id: str,
+        answer: Callable[[], Awaitable[Response]],
+    ) -> Response:
+        """Run one admitted request's ``answer`` inside the envelope every front door shares:
+        in flight (admission and ``vit_inflight_requests``), timed
+        (``vit_request_duration_seconds``), counted (``vit_requests_total``), the request
+        deadline and an unexpected error answered in our shape."""
+        admission, metrics = self.admission, self.metrics
+        admission.active += 1
+        metrics.inflight.inc()
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                await self.backend.first_contact()
+                response = await answer()
+        except TimeoutError:
+            message = f"Not answered within {self.settings.request_timeout_s} s; retry later."
+            error = ApiError(504, "inference_timeout", message)
+            admission.refused(endpoint, error)
+            return error_response(error, request_id)
+        except Exception:
+            _logger.exception("unexpected error on %s", endpoint)
+            error = ApiError(500, "internal_error", "Unexpected server error; see the log.")
+            admission.refused(endpoint, error)
+            return error_response(error, request_id)
+        finally:
+            admission.active -= 1
+            metrics.inflight.dec()
+            metrics.request_seconds.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+        admission.answered(endpoint, response.status_code)
+        return response
+
+    async def describe(self) -> dict[str, Any]:
+        """``GET /model``: the model and this server's process layout.
+
+        Raises:
+            ApiError: 503 while no model is loaded.
+        """
+        backend, plan = self.backend, self.plan
+        await backend.first_contact()  # a fresh worker: wait for its first word, as requests do
+        runtime: dict[str, Any] = {
+            "topology": plan.topology,
+            "topology_reason": plan.reason,
+            "http_workers": plan.http_workers,
+            "pid": os.getpid(),
+            "cpus": plan.cpus,
+            "torch_threads": plan.torch_threads,
+            "decode_threads": plan.decode_threads,
+            **serving_runtime(),
+            **backend.runtime(),
+        }
+        return describe_model(
+            backend.info,
+            self.settings,
+            ready=backend.ready,
+            warmup_ms=backend.warmup_ms,
+            runtime=runtime,
+        )

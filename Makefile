@@ -1,7 +1,7 @@
 # ViT Serve — `make serve` serves the default model, `make test` runs every test.
 # Both create .venv and install the pinned dependencies first if needed.
 
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -18,8 +18,16 @@ FUZZ_API_CASES ?= 20000
 MINUTES ?= 10
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve test test-unit test-http test-integration test-e2e fuzz lint format train \
-        import-model bench overload loadtest soak rehearsal container-test clean evaluate depth-study
+.PHONY: help install system serve test test-unit test-http test-integration test-e2e fuzz lint format \
+        train import-model bench overload loadtest soak rehearsal container-test clean evaluate \
+        depth-study
+
+# What the tests use beyond pip, from Debian: a real Prometheus (and promtool), compose
+# validation, headless Chromium + ChromeDriver for the page, podman + runc + mmdebstrap to build
+# and run the image, kubectl (kustomize) to render deploy/kubernetes, HAProxy for the cluster
+# rehearsal, and wrk for the benchmarks.
+SYSTEM_PACKAGES := prometheus docker-compose chromium chromium-driver podman runc mmdebstrap \
+                   kubectl haproxy wrk
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -35,10 +43,23 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt requirements-che
 
 install: $(STAMP) ## Create .venv and install the pinned dependencies
 
+system: ## Install the Debian packages the tests need (apt-get, as root or with sudo)
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null \
+		| grep -q 'ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+		echo "make test needs these Debian packages, and this is no Debian: $$missing"; exit 1; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; elif sudo -n true 2>/dev/null; then sudo=sudo; else \
+		echo "make test needs these Debian packages; install them, then run it again:"; \
+		echo "  sudo apt-get install -y --no-install-recommends $$(echo $$missing)"; exit 1; fi; \
+	echo "installing Debian packages: $$(echo $$missing)"; \
+	$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends $$missing >/dev/null
+
 serve: $(STAMP) ## Serve the default model on $(HOST):$(PORT) (VIT_* variables configure it)
 	$(VENV)/bin/bentoml serve service.service:VitClassifier --host $(HOST) --port $(PORT)
 
-test: $(STAMP) lint ## Lint, then run the whole suite (unit, http, integration, e2e)
+test: system $(STAMP) lint ## Install what the tests need, lint, run the whole suite (unit, http, integration, e2e)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP) ## Unit tests only
@@ -47,10 +68,10 @@ test-unit: $(STAMP) ## Unit tests only
 test-http: $(STAMP) ## The ASGI app in-process with a tiny model (seconds)
 	$(PY) -m pytest tests/http $(PYTEST_ARGS)
 
-test-e2e: $(STAMP) ## The web page in headless Chromium
+test-e2e: system $(STAMP) ## The web page in headless Chromium
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
-test-integration: $(STAMP) ## Tests against a real bentoml serve, Prometheus, locust
+test-integration: system $(STAMP) ## Tests against a real bentoml serve, Prometheus, locust
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 fuzz: $(STAMP) ## Long fuzzing, not in make test: decoder + multipart reader for FUZZ_SECONDS (600), the API for FUZZ_API_CASES (20000)

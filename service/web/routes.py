@@ -11,7 +11,7 @@ The classification routes are served straight from the worker, past BentoML's pe
 middleware (context, a timeout task, traffic metrics, OpenTelemetry, access log, error page):
 for a small model they cost more than the model, one replica served ~30% more requests per
 second without them (docs/ARCHITECTURE.md). What they gave these routes the worker keeps
-(``HttpWorker.handle``): the request timeout (504 JSON), a 500 JSON for an unexpected error,
+(``HttpWorker.admitted``): the request timeout (504 JSON), a 500 JSON for an unexpected error,
 per-request metrics; the access log line is written here. With ``VIT_TRACING=true`` the routes
 go through BentoML's app like the rest, so they are traced; either way they reach the worker by
 ``Front.classify``. Every other request's 404 or 405 is answered in our error shape too.
@@ -133,9 +133,10 @@ class Front:
         if refusal is not None:  # the body stays unread (uvicorn skips it; keep-alive holds)
             worker.admission.refused(endpoint, refusal)
             return error_response(refusal, rid)
-        return await worker.handle(
-            endpoint, rid, lambda: self._classify(worker, request, endpoint, rid)
-        )
+        async with worker.admitted(endpoint, rid) as envelope:
+            envelope.response = await self._classify(worker, request, endpoint, rid)
+        assert envelope.response is not None
+        return envelope.response
 
     async def _classify(
         self, worker: HttpWorker, request: Request, endpoint: str, rid: str

@@ -1,8 +1,8 @@
 """One HTTP worker process: what every front door shares.
 
 ``HttpWorker`` holds the worker's model ``Backend``, its ``Admission`` and its ``Pipeline``, and
-runs each admitted request inside one envelope (``handle``): in flight, timed and counted, with
-the request deadline (504 ``inference_timeout``) and an unexpected error (500
+keeps each admitted request inside one envelope (``admitted``): in flight, timed and counted,
+with the request deadline (504 ``inference_timeout``) and an unexpected error (500
 ``internal_error``) answered in our shape. A front door (the native API in ``routes.py``; the
 Open Inference Protocol next) reads its own request, calls the pipeline, and writes its own
 answer; it never touches the backend's kind, the counters or the deadline.
@@ -11,10 +11,12 @@ answer; it never touches the backend's kind, the counters or the deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import Response
@@ -30,9 +32,16 @@ from .admission import Admission
 from .answers import describe_model, error_response
 from .pipeline import Pipeline
 
-__all__ = ["HttpWorker"]
+__all__ = ["Envelope", "HttpWorker"]
 
 _logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Envelope:
+    """One admitted request's answer, set by its front door (or by the envelope on failure)."""
+
+    response: Response | None = None
 
 
 class HttpWorker:
@@ -68,40 +77,42 @@ class HttpWorker:
         self.pipeline.close()
 
     # --- requests --------------------------------------------------------------------------
-    async def handle(
-        self,
-        endpoint: str,
-        request_id: str,
-        answer: Callable[[], Awaitable[Response]],
-    ) -> Response:
-        """Run one admitted request's ``answer`` inside the envelope every front door shares:
-        in flight (admission and ``vit_inflight_requests``), timed
-        (``vit_request_duration_seconds``), counted (``vit_requests_total``), the request
-        deadline and an unexpected error answered in our shape."""
+    @contextlib.asynccontextmanager
+    async def admitted(self, endpoint: str, request_id: str) -> AsyncIterator[Envelope]:
+        """One admitted request, inside the envelope every front door shares: in flight
+        (admission and ``vit_inflight_requests``), timed (``vit_request_duration_seconds``),
+        counted (``vit_requests_total``); the request deadline (504) and an unexpected error
+        (500) end the block with the envelope's ``response`` in our shape. The front door sets
+        ``response`` in the block."""
         admission, metrics = self.admission, self.metrics
         admission.active += 1
         metrics.inflight.inc()
         started = time.perf_counter()
+        envelope = Envelope()
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 await self.backend.first_contact()
-                response = await answer()
+                yield envelope
         except TimeoutError:
             message = f"Not answered within {self.settings.request_timeout_s} s; retry later."
-            error = ApiError(504, "inference_timeout", message)
-            admission.refused(endpoint, error)
-            return error_response(error, request_id)
+            self._failed(
+                envelope, endpoint, request_id, ApiError(504, "inference_timeout", message)
+            )
         except Exception:
             _logger.exception("unexpected error on %s", endpoint)
-            error = ApiError(500, "internal_error", "Unexpected server error; see the log.")
-            admission.refused(endpoint, error)
-            return error_response(error, request_id)
+            failure = ApiError(500, "internal_error", "Unexpected server error; see the log.")
+            self._failed(envelope, endpoint, request_id, failure)
+        else:
+            assert envelope.response is not None, "the front door set no response"
+            admission.answered(endpoint, envelope.response.status_code)
         finally:
             admission.active -= 1
             metrics.inflight.dec()
             metrics.request_seconds.labels(endpoint=endpoint).observe(time.perf_counter() - started)
-        admission.answered(endpoint, response.status_code)
-        return response
+
+    def _failed(self, envelope: Envelope, endpoint: str, request_id: str, error: ApiError) -> None:
+        self.admission.refused(endpoint, error)
+        envelope.response = error_response(error, request_id)
 
     async def describe(self) -> dict[str, Any]:
         """``GET /model``: the model and this server's process layout.

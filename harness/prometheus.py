@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import yaml
 
-from loadtests.serving import REPO, free_port, wait_ready
+from harness.serving import REPO, free_port, wait_ready
 
 __all__ = ["JOB", "Labels", "Prometheus", "run_prometheus"]
 

@@ -1,9 +1,11 @@
-"""Run a real ``bentoml serve`` of the service, or the hand-written peer, on a loopback port."""
+"""Run a real ``bentoml serve`` of the service, or the hand-written peer, on a loopback port; build
+the Bento as the image does."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,15 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 __all__ = [
     "Server",
+    "build_bento",
     "free_port",
+    "free_ports",
     "parse_exposition",
+    "pinned",
     "scrape",
     "serve",
     "serve_model",
     "serve_peer",
+    "server_cpu",
     "wait_ready",
 ]
 
@@ -30,10 +37,44 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on 127.0.0.1 right now, below the kernel's ephemeral range.
+
+    Never one the kernel hands out as a source port: a client that reconnects to a port in that
+    range while nothing listens there (a model server restarting, a replica being replaced) can
+    be given that very port as its own source and connect to itself (TCP self-connect), and the
+    server then cannot bind it ("Address already in use"; seen in CI). Real deployments listen
+    outside the range too (3000, 5555).
+    """
+    low = _ephemeral_low()
+    for _ in range(1000):
+        port = _RANDOM.randrange(max(1024, low - 20_000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below {low} after 1000 tries")
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different free ports (none bound yet, so ask until they differ)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+_RANDOM = random.Random()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def parse_exposition(text: str) -> dict[str, float]:
@@ -195,3 +236,61 @@ def _run(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
+
+
+def build_bento(
+    home: Path, bentofile: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[str, Path]:
+    """``bentoml build`` (of ``bentofile``, else the top-level one) into its own BentoML home,
+    with ``env`` (e.g. ``VIT_TOPOLOGY``) added to the environment the service is imported in.
+
+    Returns:
+        The Bento's tag and its folder.
+    """
+    env = {**os.environ, **(env or {}), "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    command = [sys.executable, "-m", "bentoml", "build", "--output", "tag"]
+    if bentofile is not None:
+        command += ["-f", str(bentofile), "."]
+    build = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if build.returncode != 0:
+        raise RuntimeError(f"bentoml build failed:\n{build.stderr[-4000:]}")
+    tag = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    return tag, home / "bentos" / "vit-classifier" / tag.split(":", 1)[1]
+
+
+@contextlib.contextmanager
+def pinned(cpus: set[int] | None) -> Iterator[None]:
+    """Run this process on ``cpus`` for the block, if given: processes it starts meanwhile (a
+    server, wrk) inherit the affinity and keep it."""
+    mine = os.sched_getaffinity(0)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
+@contextlib.contextmanager
+def server_cpu(running: Server) -> Iterator[dict[str, float]]:
+    """CPU seconds (user + system) the server's processes spent in the block: ``["seconds"]``
+    once it ends. Of the processes alive at its end (one that died during it is not counted)."""
+    spent: dict[str, float] = {}
+
+    def times() -> dict[int, float]:
+        try:
+            root = psutil.Process(running.process.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return {}
+        out = {}
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                used = process.cpu_times()
+                out[process.pid] = used.user + used.system
+        return out
+
+    before = times()
+    yield spent
+    after = times()
+    spent["seconds"] = sum(t - before.get(pid, 0.0) for pid, t in after.items())

@@ -59,14 +59,17 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 
-from loadtests.samples import Sample, bad_samples, digit, digit_samples, multipart, photo
-from loadtests.serving import REPO, Server, scrape, serve, serve_peer
+from harness.load import Request, run_closed_loop, run_loop
+from harness.samples import Sample, bad_samples, digit, digit_samples, multipart, photo
+from harness.serving import REPO, Server, scrape, serve, serve_peer
+from service.runtime.settings import DEFAULT_MODEL
 
 __all__ = [
     "Load",
     "ScaleConfig",
     "decode_rates",
     "drive",
+    "drive_wrk",
     "interleaved_rounds",
     "machine",
     "main",
@@ -77,7 +80,6 @@ __all__ = [
 ]
 
 RESULTS = REPO / "results"
-DEFAULT_MODEL = f"local-dir:{REPO / 'models' / 'vit-digits'}"
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,7 @@ def drive(url: str, body: bytes, content_type: str, concurrency: int, seconds: f
     """POST ``body`` to ``url`` from ``concurrency`` connections for ``seconds``."""
     clients = max(1, min(4, -(-concurrency // _CONNECTIONS_PER_CLIENT)))
     if shutil.which("wrk"):
-        return _drive_wrk(url, body, content_type, concurrency, seconds, clients)
+        return drive_wrk(url, body, content_type, concurrency, seconds, clients)
     processes = max(1, min(clients, (os.cpu_count() or 1) // 4))
     return _drive_python(url, body, content_type, concurrency, seconds, processes)
 
@@ -201,9 +203,11 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _drive_wrk(
+def drive_wrk(
     url: str, body: bytes, content_type: str, concurrency: int, seconds: float, threads: int
 ) -> Load:
+    """POST ``body`` with wrk: ``threads`` threads, ``concurrency`` keep-alive connections that
+    each send the next request the moment an answer (any answer) is in."""
     with tempfile.TemporaryDirectory() as folder:
         body_path = Path(folder) / "body.bin"
         body_path.write_bytes(body)
@@ -238,50 +242,47 @@ def _drive_wrk(
     )
 
 
-@dataclass
-class _Tally:
-    """What one client process saw: each answered request's latency and the failures."""
-
-    latencies: list[float]
-    non2xx: int = 0
-    socket_errors: int = 0
-    duration: float = 0.0
-    cpu_s: float = 0.0
-
-
 def _drive_python(
     url: str, body: bytes, content_type: str, concurrency: int, seconds: float, processes: int
 ) -> Load:
-    """Where wrk is missing: keep-alive HTTP/1.1 on asyncio streams, in ``processes``
-    processes (spawned, so a parent that holds a CUDA context is never forked)."""
+    """Where wrk is missing: the project's load client (``harness/load.py``), closed loop, in
+    ``processes`` processes (spawned, so a parent that holds a CUDA context is never forked)."""
+    parts = urlsplit(url)
+    base = f"{parts.scheme}://{parts.netloc}"
+    request = Request("bench", "POST", parts.path or "/", body, (("Content-Type", content_type),))
     if processes == 1:
-        cpu_before = time.process_time()
-        tallies = [_run_loop(_connections(url, body, content_type, concurrency, seconds))]
-        tallies[0].cpu_s = time.process_time() - cpu_before
+        results = [run_loop(run_closed_loop(base, [request], clients=concurrency,
+                                            duration_s=seconds, timeout_s=60))]  # fmt: skip
     else:
         context = multiprocessing.get_context("spawn")
         barrier = context.Barrier(processes + 1)
-        results = context.Queue()
+        queue = context.Queue()
         share, extra = divmod(concurrency, processes)
         shares = [share + (i < extra) for i in range(processes)]
         children = [
             context.Process(
                 target=_client_process,
-                args=(url, body, content_type, connections, seconds, barrier, results),
+                args=(base, request, clients, seconds, barrier, queue),
                 daemon=True,
             )
-            for connections in shares
+            for clients in shares
         ]
         for child in children:
             child.start()
         barrier.wait(timeout=120)  # every process imported and ready: start together
-        tallies = [results.get(timeout=seconds + 180) for _ in children]
+        results = [queue.get(timeout=seconds + 180) for _ in children]
         for child in children:
             child.join(timeout=30)
-    latencies = sorted(t for tally in tallies for t in tally.latencies)
-    duration = max(tally.duration for tally in tallies)
-    non2xx = sum(tally.non2xx for tally in tallies)
-    socket_errors = sum(tally.socket_errors for tally in tallies)
+    latencies = sorted(t for result in results for t in result.latencies.get("bench", []))
+    duration = max(result.duration_s for result in results)
+    non2xx = sum(n for result in results for (_, status, _), n in result.answered.items()
+                 if not 200 <= status < 300)  # fmt: skip
+    socket_errors = sum(
+        sum(bucket.values())
+        for result in results
+        for bucket in (result.connect_errors, result.resets, result.timeouts,
+                       result.protocol_errors)
+    )  # fmt: skip
 
     def pct(q: float) -> float:
         if not latencies:
@@ -292,97 +293,15 @@ def _drive_python(
                 len(latencies) / duration, pct(0.5), pct(0.95), pct(0.99),
                 non2xx=non2xx, socket_errors=socket_errors,
                 client=f"python x{processes}",
-                client_cores=sum(tally.cpu_s for tally in tallies) / duration)  # fmt: skip
+                client_cores=sum(result.cpu_s for result in results) / duration)  # fmt: skip
 
 
 def _client_process(
-    url: str,
-    body: bytes,
-    content_type: str,
-    connections: int,
-    seconds: float,
-    barrier: Any,
-    results: Any,
+    url: str, request: Request, clients: int, seconds: float, barrier: Any, queue: Any
 ) -> None:
     barrier.wait(timeout=120)
-    cpu_before = time.process_time()
-    tally = _run_loop(_connections(url, body, content_type, connections, seconds))
-    tally.cpu_s = time.process_time() - cpu_before
-    results.put(tally)
-
-
-def _run_loop(coroutine: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - installed with the service
-        return asyncio.run(coroutine)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coroutine)
-
-
-async def _connections(
-    url: str, body: bytes, content_type: str, connections: int, seconds: float
-) -> _Tally:
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    request = (
-        f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-    tally = _Tally([])
-    deadline = time.perf_counter() + seconds
-
-    async def connection() -> None:
-        writer: asyncio.StreamWriter | None = None
-        while time.perf_counter() < deadline:
-            started = time.perf_counter()
-            try:
-                if writer is None:
-                    reader, writer = await asyncio.open_connection(host, port)
-                writer.write(request)
-                await writer.drain()
-                async with asyncio.timeout(60):
-                    status, keep_alive = await _read_response(reader)
-            except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
-                tally.socket_errors += 1
-                _close(writer)
-                writer = None
-                await asyncio.sleep(0.01)  # a refused connection must not spin
-                continue
-            tally.latencies.append(time.perf_counter() - started)
-            tally.non2xx += not 200 <= status < 300
-            if not keep_alive:
-                _close(writer)
-                writer = None
-        _close(writer)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(connection() for _ in range(connections)))
-    tally.duration = time.perf_counter() - started
-    return tally
-
-
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """Read one response (Content-Length framed, as uvicorn answers); (status, keep-alive)."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    status = int(head[0].split(" ", 2)[1])
-    length, keep_alive = 0, True
-    for line in head[1:]:
-        name, _, value = line.partition(":")
-        name = name.strip().lower()
-        if name == "content-length":
-            length = int(value)
-        elif name == "connection":
-            keep_alive = value.strip().lower() != "close"
-        elif name == "transfer-encoding":
-            raise ValueError("chunked answer: not read by this client")
-    await reader.readexactly(length)
-    return status, keep_alive
-
-
-def _close(writer: asyncio.StreamWriter | None) -> None:
-    if writer is not None:
-        writer.close()
+    queue.put(run_loop(run_closed_loop(url, [request], clients=clients, duration_s=seconds,
+                                       timeout_s=60)))  # fmt: skip
 
 
 def stage_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[str, Any]]:

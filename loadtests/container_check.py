@@ -47,12 +47,12 @@ from typing import Any
 import httpx
 import yaml
 
-from loadtests.prometheus import JOB, Prometheus
-from loadtests.samples import digit
-from loadtests.serving import REPO, free_port, parse_exposition, wait_ready
+from harness.prometheus import JOB, Prometheus
+from harness.samples import digit
+from harness.serving import REPO, build_bento, free_port, parse_exposition, wait_ready
 from models.digits import load_split
 
-__all__ = ["build_bento", "main", "run"]
+__all__ = ["main", "run"]
 
 CONTAINER_DIR = REPO / "deploy" / "container"
 CONTAINERS_CONF = CONTAINER_DIR / "containers.conf"
@@ -113,26 +113,6 @@ def _timed(command: list[str], log: Path, env: dict[str, str], timeout: float) -
 
 
 # --- build ------------------------------------------------------------------------------------
-
-
-def build_bento(
-    home: Path, bentofile: Path | None = None, env: dict[str, str] | None = None
-) -> tuple[str, Path]:
-    """``bentoml build`` (of ``bentofile``, else the top-level one) into its own BentoML home,
-    with ``env`` (e.g. ``VIT_TOPOLOGY``) added to the environment the service is imported in.
-
-    Returns:
-        The Bento's tag and its folder.
-    """
-    env = {**os.environ, **(env or {}), "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    command = [sys.executable, "-m", "bentoml", "build", "--output", "tag"]
-    if bentofile is not None:
-        command += ["-f", str(bentofile), "."]
-    build = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if build.returncode != 0:
-        raise RuntimeError(f"bentoml build failed:\n{build.stderr[-4000:]}")
-    tag = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    return tag, home / "bentos" / "vit-classifier" / tag.split(":", 1)[1]
 
 
 def build_image(report: Report, work: Path, logs: Path) -> Path:

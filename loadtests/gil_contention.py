@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
-from loadtests.serving import REPO
+from harness.serving import REPO
 from service.model.loading import load_model
+from service.runtime.settings import DEFAULT_MODEL
 
 __all__ = ["main"]
 
@@ -126,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "results" / "gil_contention.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    loaded = load_model(
-        f"local-dir:{REPO / 'models' / 'vit-digits'}", device="cpu", dtype="float32"
-    )
+    loaded = load_model(DEFAULT_MODEL, device="cpu", dtype="float32")
     model = loaded.model.eval()
     _, height, width = loaded.info.input_size
     x = torch.randn(args.batch, 3, height, width)

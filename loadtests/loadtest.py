@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from loadtests.serving import REPO, serve
+from harness.serving import REPO, serve
 
 __all__ = ["locust_command", "main"]
 

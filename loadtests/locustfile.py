@@ -22,8 +22,8 @@ from typing import Any
 from locust import FastHttpUser, LoadTestShape, between, events, task
 from locust.env import Environment
 
-from loadtests.samples import Sample, bad_samples, digit_samples, multipart, photo_samples
-from loadtests.serving import scrape
+from harness.samples import Sample, bad_samples, digit_samples, multipart, photo_samples
+from harness.serving import scrape
 
 _logger = logging.getLogger("vit-loadtest")
 

@@ -34,15 +34,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from loadtests.openloop import Request, Result, run_closed_loop, run_loop, run_open_loop
-from loadtests.samples import multipart, photo
-from loadtests.serving import REPO, Server, serve, serve_peer
+from harness.load import Request, Result, run_closed_loop, run_loop, run_open_loop
+from harness.samples import multipart, photo
+from harness.serving import REPO, Server, pinned, serve, serve_peer, server_cpu
+from service.runtime.settings import DEFAULT_MODEL
 
 __all__ = ["main"]
 
-DEFAULT_MODEL = f"local-dir:{REPO / 'models' / 'vit-digits'}"
 CAPACITY_CLIENTS = (16, 64, 256)
 
 
@@ -57,7 +55,7 @@ def _server(which: str, work: Path, cpus: set[int] | None = None) -> Iterator[Se
     those CPUs (set on this process while it starts them: affinity is inherited) and it sizes
     itself to them (ours reads its affinity; the peer gets one worker per CPU)."""
     with contextlib.ExitStack() as stack:
-        with _pinned(cpus):
+        with pinned(cpus):
             if which == "peer":
                 workers = len(cpus) if cpus is not None else 2
                 running = stack.enter_context(
@@ -114,7 +112,7 @@ def drill(
     server_cpus, generator_cpus = pin if pin else (None, None)
     if pin:
         out["cpus"] = {"server": sorted(pin[0]), "generator": sorted(pin[1])}
-    with _server(which, work, server_cpus) as running, _pinned(generator_cpus):
+    with _server(which, work, server_cpus) as running, pinned(generator_cpus):
         run_loop(run_closed_loop(running.url, [request], clients=16, duration_s=3))  # warm-up
         out["rounds"] = [_round(which, running, request, seconds) for _ in range(rounds)]
         capacity = statistics.median(r["capacity"]["goodput"] for r in out["rounds"])
@@ -155,7 +153,7 @@ def _round(which: str, running: Server, request: Request, seconds: float) -> dic
     url = running.url
     runs = []
     for n in CAPACITY_CLIENTS:
-        with _server_cpu(running) as cpu:
+        with server_cpu(running) as cpu:
             run = run_loop(run_closed_loop(url, [request], clients=n, duration_s=seconds))
         runs.append((run, cpu["seconds"]))
     base, base_cpu_s = max(runs, key=lambda run: run[0].goodput())
@@ -172,7 +170,7 @@ def _round(which: str, running: Server, request: Request, seconds: float) -> dic
         }
     }
     for factor in (2, 5):
-        with _server_cpu(running) as cpu:
+        with server_cpu(running) as cpu:
             result = run_loop(
                 run_open_loop(
                     url,
@@ -198,43 +196,6 @@ def _count(result: Result, answer: str) -> int:
     """How many answers of ``result`` were ``answer`` (a status, or a status and code)."""
     answered = result.answered.items()
     return sum(n for (_, status, code), n in answered if f"{status} {code}".strip() == answer)
-
-
-@contextlib.contextmanager
-def _server_cpu(running: Server) -> Iterator[dict[str, float]]:
-    """CPU seconds (user + system) the server's processes spent in the block: ``["seconds"]``
-    once it ends. Of the processes alive at its end (one that died during it is not counted)."""
-    spent: dict[str, float] = {}
-
-    def times() -> dict[int, float]:
-        try:
-            root = psutil.Process(running.process.pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return {}
-        out = {}
-        for process in tree:
-            with contextlib.suppress(psutil.Error):
-                used = process.cpu_times()
-                out[process.pid] = used.user + used.system
-        return out
-
-    before = times()
-    yield spent
-    after = times()
-    spent["seconds"] = sum(t - before.get(pid, 0.0) for pid, t in after.items())
-
-
-@contextlib.contextmanager
-def _pinned(cpus: set[int] | None) -> Iterator[None]:
-    """Run this process (the generator) on ``cpus`` for the block, if given."""
-    mine = os.sched_getaffinity(0)
-    if cpus is not None:
-        os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, mine)
 
 
 def _markdown(results: dict[str, Any], args: argparse.Namespace) -> str:

@@ -43,11 +43,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
-from loadtests.serving import REPO
+from service.runtime.settings import DEFAULT_MODEL
 
 __all__ = ["Batcher", "app", "http_protocol", "load", "main"]
 
-DEFAULT_MODEL = f"local-dir:{REPO / 'models' / 'vit-digits'}"
 TOP_K = 5
 
 _Item = tuple[torch.Tensor, "asyncio.Future[torch.Tensor]"]

@@ -70,8 +70,8 @@ import httpx
 import psutil
 import yaml
 
-from loadtests.prometheus import Prometheus, run_prometheus
-from loadtests.serving import REPO, Server, free_port, serve
+from harness.prometheus import Prometheus, run_prometheus
+from harness.serving import REPO, Server, free_port, free_ports, serve
 
 __all__ = ["Shipped", "rehearse", "shipped"]
 
@@ -487,7 +487,7 @@ def rehearse(
         "VIT_ACCESS_LOG": "false",
     }
     names = ["r0", "r1", "r2", "surge"]
-    ports = {name: free_port() for name in names}
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     # Hold the surge replica's port until it starts (bound, not listening: the balancer's
     # checks are refused), so no other process picks it meanwhile; the replica binds beside it
     # (SO_REUSEPORT, as its workers do).

@@ -15,7 +15,7 @@ from typing import Any
 
 from locust import FastHttpUser, constant, events, task
 
-from loadtests.samples import digit, multipart
+from harness.samples import digit, multipart
 
 _BODY, _CONTENT_TYPE = multipart({}, [("image", "d.png", digit(7, 64, False))])
 _LOG = open(os.environ["REHEARSAL_LOG"], "a", buffering=1)  # noqa: SIM115  (lives with locust)

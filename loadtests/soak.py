@@ -40,7 +40,7 @@ from typing import Any
 import httpx
 import psutil
 
-from loadtests.openloop import (
+from harness.load import (
     NO_ERROR_BODY,
     Request,
     Result,
@@ -48,8 +48,8 @@ from loadtests.openloop import (
     run_loop,
     run_open_loop,
 )
-from loadtests.samples import bad_samples, digit, multipart
-from loadtests.serving import REPO, Server, serve
+from harness.samples import bad_samples, digit, multipart
+from harness.serving import REPO, Server, serve
 
 __all__ = ["Expected", "judge", "main", "mix", "probe"]
 
@@ -57,7 +57,7 @@ RESULTS = REPO / "results"
 RSS_GROWTH_LIMIT = 0.10
 MIN_DISPATCH_SHARE = 0.95
 
-# The error code each of loadtests.samples.bad_samples() must get (a sample not listed here
+# The error code each of harness.samples.bad_samples() must get (a sample not listed here
 # must still get its status and some JSON error code).
 _SAMPLE_CODES = {
     "bad: truncated JPEG": "corrupt_image",

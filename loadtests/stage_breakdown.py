@@ -25,10 +25,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from harness.prometheus import Labels, Prometheus, run_prometheus
+from harness.samples import digit, multipart
+from harness.serving import serve
 from loadtests.bench import RESULTS, drive, machine
-from loadtests.prometheus import Labels, Prometheus, run_prometheus
-from loadtests.samples import digit, multipart
-from loadtests.serving import serve
 from service.metrics import STAGES
 
 __all__ = ["main", "stage_breakdown"]

@@ -23,7 +23,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.wait import WebDriverWait
 
-from loadtests.serving import Server
+from harness.serving import Server
 from models.digits import load_split, render_digit
 from tests.conftest import REPO
 

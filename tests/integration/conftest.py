@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from loadtests.serving import Server, serve
+from harness.serving import Server, serve
 
 # Small body limit so the 413 test need not push 64 MB through loopback. float32 whatever the
 # machine and model: the tests compare answers with an offline fp32 run to 1e-4, and in bf16

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loadtests.container_check import build_bento
+from harness.serving import build_bento
 from tests.conftest import REPO
 
 OFFLINE_BENTOFILE = REPO / "deploy" / "container" / "bentofile.yaml"

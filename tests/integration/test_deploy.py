@@ -26,8 +26,8 @@ import httpx
 import pytest
 import yaml
 
-from loadtests.prometheus import JOB, Prometheus, run_prometheus
-from loadtests.serving import Server, scrape, serve
+from harness.prometheus import JOB, Prometheus, run_prometheus
+from harness.serving import Server, scrape, serve
 from models.digits import load_split, render_digit
 from service.metrics import DEVICE_STAGES, STAGES
 from tests.conftest import REPO
@@ -153,7 +153,8 @@ def test_compose_config_is_valid_and_hardened(tmp_path: Path) -> None:
     assert "http://vit-classifier:3000" in command
     mounts = " ".join(map(str, locust["volumes"]))
     assert f"{REPO / 'loadtests'}:/mnt/loadtests" in mounts
-    # The locustfile imports loadtests.samples -> models.digits: both packages under /mnt.
+    # The locustfile imports harness.samples -> models.digits: each package under /mnt.
+    assert f"{REPO / 'harness'}:/mnt/harness" in mounts
     assert f"{REPO / 'models'}:/mnt/models" in mounts
     assert locust["environment"]["PYTHONPATH"] == "/mnt"
     assert locust["build"]["context"] == str(DEPLOY / "locust")

@@ -53,7 +53,7 @@ from schemathesis.core.result import Ok
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi import checks as openapi_checks
 
-from loadtests.serving import Server, parse_exposition
+from harness.serving import Server, parse_exposition
 from service.errors import ApiError
 from service.web.options import parse_options
 from tests.utils.image_fuzz import image_seeds, uploads

@@ -29,8 +29,8 @@ import orjson
 import psutil
 import pytest
 
-from loadtests.samples import digit, multipart
-from loadtests.serving import REPO, Server, free_port, parse_exposition, serve
+from harness.samples import digit, multipart
+from harness.serving import REPO, Server, free_port, parse_exposition, serve
 
 
 @dataclass
@@ -47,6 +47,13 @@ class Tally:
     def counts(self, since: float = 0.0, until: float = float("inf")) -> Counter[str]:
         with self.lock:
             return Counter(kind for at, kind in self.events if since <= at < until)
+
+    def wait_for(self, kind: str, count: int, since: float = 0.0, timeout_s: float = 60) -> None:
+        """Wait until ``count`` outcomes of ``kind`` have come (since ``since``)."""
+        deadline = time.monotonic() + timeout_s
+        while self.counts(since=since)[kind] < count:
+            assert time.monotonic() < deadline, f"not {count} x {kind!r}: {self.counts()}"
+            time.sleep(0.01)
 
 
 def _hammer(url: str, body: bytes, content_type: str, tally: Tally, stop: threading.Event) -> None:
@@ -144,12 +151,12 @@ def test_sigterm_drains_under_load_and_resets_nothing(tmp_path: Path, topology: 
         _probing(running.url) as ready,
         _clients(running.url, 16) as tally,
     ):
-        time.sleep(2.0)
+        tally.wait_for("200", 32)  # every client answered, about twice
         signalled = time.monotonic()
         running.process.send_signal(signal.SIGTERM)  # the arbiter only, as Docker/Kubernetes do
         status = running.process.wait(timeout=GRACE_S + 10)
         exited = time.monotonic()
-        time.sleep(0.5)  # clients now meet a closed port
+        tally.wait_for("refused", 16, since=exited)  # clients now meet a closed port
 
     before, during = tally.counts(until=signalled), tally.counts(since=signalled, until=exited)
     unready = [at for at, kind in ready.events if at >= signalled and kind != "200"]
@@ -186,7 +193,7 @@ def test_a_killed_replica_restarts_without_not_ready_or_flapping(tmp_path: Path)
         workers = _worker_pids(running.process.pid)
         assert len(workers) == 2, workers
         with _probing(running.url) as ready, _clients(running.url, 8) as tally:
-            time.sleep(1.0)
+            tally.wait_for("200", 16)
             killed = time.monotonic()
             os.kill(workers[0], signal.SIGKILL)
             deadline = killed + 60
@@ -198,7 +205,7 @@ def test_a_killed_replica_restarts_without_not_ready_or_flapping(tmp_path: Path)
                 assert time.monotonic() < deadline, (fresh, pids)
                 time.sleep(0.2)
             serving_again = time.monotonic()
-            time.sleep(1.0)
+            ready.wait_for("200", 20, since=serving_again)  # readiness a while longer
 
     counts = tally.counts()
     flaps = [kind for at, kind in ready.events if at >= killed and kind != "200"]
@@ -235,10 +242,12 @@ def test_workers_stop_when_the_arbiter_is_killed(tmp_path: Path) -> None:
         running.process.kill()  # SIGKILL to `bentoml serve` alone: its workers have own sessions
         running.process.wait(timeout=10)
         try:
-            time.sleep(0.3)
             # They drain as on SIGTERM (their logs went to the dead arbiter): not ready at once,
             # still answering through the drain delay, then gone.
-            assert httpx.get(f"{running.url}/readyz", timeout=2).status_code == 503
+            deadline = killed + 0.9  # within the drain delay (1 s)
+            while httpx.get(f"{running.url}/readyz", timeout=2).status_code != 503:
+                assert time.monotonic() < deadline, "still ready after the arbiter died"
+                time.sleep(0.02)
             assert httpx.get(f"{running.url}/livez", timeout=2).status_code == 200
             _, alive = psutil.wait_procs(workers, timeout=GRACE_S)
             stopped = time.monotonic()
@@ -408,9 +417,12 @@ def test_a_refused_request_is_refused_before_its_body_is_read(strict: Server) ->
     before = [_metric(strict, key) for key in series]
     holders = [_connect(strict) for _ in range(2)]
     try:
-        for sock in holders:  # admitted, then stalled mid-body
+        for sock in holders:  # admitted, then stalled mid-body (for VIT_BODY_TIMEOUT_S)
             sock.sendall(head % (content_type.encode(), len(body)) + body[:10])
-        time.sleep(0.3)
+        deadline = time.monotonic() + 0.9
+        while _metric(strict, "vit_inflight_requests") < 2:
+            assert time.monotonic() < deadline, "the two stalled requests were not admitted"
+            time.sleep(0.01)
         for request_id in ("first-refusal", "second-refusal"):
             with _connect(strict) as sock:
                 started = time.monotonic()

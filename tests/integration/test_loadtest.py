@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadtests.serving import REPO, Server
+from harness.serving import REPO, Server
 
 
 def _run(server: Server, results: Path, *extra: str) -> subprocess.CompletedProcess[str]:

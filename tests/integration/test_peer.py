@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loadtests.samples import digit
-from loadtests.serving import Server, serve_peer
+from harness.samples import digit
+from harness.serving import Server, serve_peer
 from tests.conftest import DEFAULT_MODEL_DIR
 
 

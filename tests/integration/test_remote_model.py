@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -30,8 +28,8 @@ import psutil
 import pytest
 from pydantic import ValidationError
 
-from loadtests.samples import digit
-from loadtests.serving import Server, free_port, scrape, serve, serve_model
+from harness.samples import digit
+from harness.serving import Server, free_ports, scrape, serve, serve_model
 from service.runtime.plan import make_plan
 from service.runtime.settings import Settings
 from tests.utils import assert_same_answer
@@ -52,46 +50,17 @@ class _Tiers:
     endpoints: list[str]
 
 
-def _ports(count: int) -> list[int]:
-    """``count`` different free ports (none bound yet, so ask until they differ)."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
-def _endpoint_ports(count: int) -> list[int]:
-    """``count`` different free ports below the kernel's ephemeral range. The front reconnects
-    to an endpoint nothing listens on every 100 ms; on a port inside that range one attempt can
-    be given the same port as its own source and connect to itself (TCP self-connect), and the
-    replacement model server then cannot bind it (seen once in CI: "Address already in use").
-    A real deployment's endpoints (5555) are outside the range."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    ports: list[int] = []
-    while len(ports) < count:
-        port = random.randrange(max(1024, low - 10_000), low)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
 @contextlib.contextmanager
 def _tiers(log_dir: Path, models: int, listed: int | None = None, **front: str) -> Iterator[_Tiers]:
     """``models`` model servers, and a front listing ``listed`` endpoints (the extra ones with
     nothing behind them)."""
     listed = listed or models
-    endpoints = [f"tcp://127.0.0.1:{port}" for port in _endpoint_ports(listed)]
+    ports = free_ports(listed + models)
+    endpoints = [f"tcp://127.0.0.1:{port}" for port in ports[:listed]]
     with contextlib.ExitStack() as stack:
         running = [
             stack.enter_context(serve_model(MODEL_ENV, log_dir, bind=endpoint, port=port))
-            for endpoint, port in zip(endpoints, _ports(models), strict=False)
+            for endpoint, port in zip(endpoints, ports[listed:], strict=False)
         ]
         env = {**FRONT_ENV, "VIT_MODEL_ENDPOINTS": ",".join(endpoints), **front}
         yield _Tiers(stack.enter_context(serve(env, log_dir)), running, endpoints)
@@ -140,31 +109,53 @@ def _until(check: Any, timeout_s: float, what: str) -> float:
     return time.monotonic() - started
 
 
-def _load(url: str, seconds: float, during: Any, users: int = 8) -> list[tuple[int, str, float]]:
-    """``users`` clients posting /classify for ``seconds`` and until ``during()``, run after
-    1.5 s, has returned; each outcome as (status, error code, seconds)."""
+def _load(
+    url: str,
+    during: Any,
+    until: Any,
+    users: int = 8,
+) -> list[tuple[int, str, float]]:
+    """``users`` clients posting /classify: ``during()`` runs once 8 answers have come, and the
+    load goes on until ``until(outcomes since during() returned)`` holds (or ``TIMEOUT_S`` more
+    pass); each outcome as (status, error code, seconds)."""
     data = digit(3, 64, False)
     outcomes: list[tuple[int, str, float]] = []
-    done = asyncio.Event()
+    warm, done, stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    after: list[int] = []  # len(outcomes) once during() has returned
 
-    async def user(client: httpx.AsyncClient, stop_at: float) -> None:
-        while time.monotonic() < stop_at or not done.is_set():
+    async def user(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
             started = time.monotonic()
             response = await client.post(f"{url}/classify", files={"image": ("d.png", data)})
             code = "" if response.status_code == 200 else response.json()["error"]["code"]
             outcomes.append((response.status_code, code, time.monotonic() - started))
+            if len(outcomes) >= 8:
+                warm.set()
+            if after and until(outcomes[after[0] :]):
+                done.set()
 
     async def scenario() -> None:
         async with httpx.AsyncClient(timeout=TIMEOUT_S + 5) as client:
-            stop_at = time.monotonic() + seconds
-            users_done = asyncio.gather(*(user(client, stop_at) for _ in range(users)))
-            await asyncio.sleep(1.5)
+            users_done = asyncio.gather(*(user(client) for _ in range(users)))
+            await asyncio.wait_for(warm.wait(), TIMEOUT_S)
             await asyncio.to_thread(during)
-            done.set()
+            after.append(len(outcomes))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), TIMEOUT_S)
+            stop.set()
             await users_done
 
     asyncio.run(scenario())
     return outcomes
+
+
+def _refused(outcomes: list[tuple[int, str, float]]) -> bool:
+    """A 503 came: the front has met the model server's absence."""
+    return any(status == 503 for status, _, _ in outcomes)
+
+
+def _answered(count: int) -> Any:
+    return lambda outcomes: sum(status == 200 for status, _, _ in outcomes) >= count
 
 
 # --- one model server, one front -------------------------------------------------------------
@@ -212,7 +203,7 @@ def test_a_frozen_model_server_is_given_up_within_the_heartbeat(remote: _Tiers) 
     SIGCONT: the front finds it again."""
     front, (model,) = remote.front, remote.models
     try:
-        outcomes = _load(front.url, 6, lambda: _signal_all(model, signal.SIGSTOP))
+        outcomes = _load(front.url, lambda: _signal_all(model, signal.SIGSTOP), _refused)
         statuses = Counter((status, code) for status, code, _ in outcomes)
         assert set(statuses) <= {(200, ""), (503, "not_ready")}, statuses
         assert statuses[(503, "not_ready")] > 0, statuses
@@ -232,7 +223,7 @@ def test_a_killed_model_server_fails_fast_and_its_replacement_is_found(tmp_path:
     (the StatefulSet's replacement pod, under the same name)."""
     with _tiers(tmp_path, models=1) as tiers:
         front, (model,) = tiers.front, tiers.models
-        outcomes = _load(front.url, 4, lambda: _signal_all(model, signal.SIGKILL))
+        outcomes = _load(front.url, lambda: _signal_all(model, signal.SIGKILL), _refused)
         statuses = Counter((status, code) for status, code, _ in outcomes)
         assert set(statuses) <= {(200, ""), (503, "not_ready")}, statuses
         assert statuses[(200, "")] > 0 and statuses[(503, "not_ready")] > 0, statuses
@@ -260,7 +251,7 @@ def test_two_model_servers_share_the_work_and_one_scaled_in_loses_nothing(tmp_pa
         assert _status(front.url, "/readyz") == 200
         _until(lambda: len(_runtime(front.url)["model_processes"]) == 2, 10, "one not seen")
         before = [_forward_passes(first), _forward_passes(second)]
-        outcomes = _load(front.url, 3, lambda: None)
+        outcomes = _load(front.url, lambda: None, _answered(100))
         assert Counter(status for status, _, _ in outcomes) == Counter({200: len(outcomes)})
         assert _forward_passes(first) > before[0] and _forward_passes(second) > before[1]
 
@@ -272,7 +263,7 @@ def test_two_model_servers_share_the_work_and_one_scaled_in_loses_nothing(tmp_pa
             second.process.wait(timeout=30)
             stopped.append(time.monotonic() - started)
 
-        outcomes = _load(front.url, 5, scale_in)
+        outcomes = _load(front.url, scale_in, _answered(16))
         assert Counter(status for status, _, _ in outcomes) == Counter({200: len(outcomes)})
         assert stopped and stopped[0] < 10, stopped  # not held until the grace period ends
         # Told to leave it before it closed: no "went away" as after a kill, no wait for the

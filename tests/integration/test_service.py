@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loadtests.serving import Server, scrape
+from harness.serving import Server, scrape
 from models.digits import load_split, render_digit
 from service.model.engine import Engine
 from service.model.imaging import decode_image

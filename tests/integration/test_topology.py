@@ -5,6 +5,7 @@ shared batches, answers equal to the single-process ones, and a model process ki
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -16,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from loadtests.samples import digit
-from loadtests.serving import Server, serve
+from harness.samples import digit
+from harness.serving import Server, serve
 from tests.utils import assert_same_answer
 
 SPLIT_ENV = {"VIT_TOPOLOGY": "split", "VIT_WORKERS": "2", "VIT_ACCESS_LOG": "false"}
@@ -26,12 +27,22 @@ TIMEOUT_S = 20
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    # The eager model here: the batching test needs forward passes slow enough for requests to
-    # queue behind (a TorchScript graph runs a batch of 32 in a few milliseconds), and the
-    # answers test then checks the split eager model against the scripted single process.
-    env = {**SPLIT_ENV, "VIT_REQUEST_TIMEOUT_S": str(TIMEOUT_S), "VIT_TORCHSCRIPT": "false"}
-    with serve(env, tmp_path_factory.mktemp("split")) as running:
+    # The eager model here, so the answers test checks the split eager model against the
+    # scripted single process. Its model can be held at a test gate (the batching test).
+    folder = tmp_path_factory.mktemp("split")
+    env = {
+        **SPLIT_ENV,
+        "VIT_REQUEST_TIMEOUT_S": str(TIMEOUT_S),
+        "VIT_TORCHSCRIPT": "false",
+        "VIT_TEST_GATE": str(folder / "gate"),
+    }
+    with serve(env, folder) as running:
         yield running
+
+
+def split_gate(server: Server) -> Path:
+    """The file that holds the ``split`` server's model while it exists."""
+    return server.log.parent / "gate"
 
 
 def _runtime(url: str, client: httpx.Client | None = None) -> dict[str, Any]:
@@ -91,39 +102,54 @@ def _clients_on_both_workers(url: str) -> tuple[httpx.Client, httpx.Client]:
     return first, second
 
 
-def test_requests_from_two_http_workers_ride_in_one_batch(split: Server) -> None:
+def test_requests_from_two_http_workers_ride_in_one_batch(split: Server, tmp_path: Path) -> None:
     first, second = _clients_on_both_workers(split.url)
     images = [("images", (f"{i}.png", digit(i, 64, False))) for i in range(8)]
-    blocker = [("images", (f"b{i}.png", digit(i, 256, False))) for i in range(32)]
+    gate = split_gate(split)
 
     async def once() -> tuple[int, int]:
-        async with (
-            httpx.AsyncClient(timeout=TIMEOUT_S) as busy,
-        ):
-            # Keep the model busy with a full batch of large images (their resize runs in the
-            # model process) so both requests queue behind it: sent once the blocker has been
-            # decoded and is in the model.
+        async with httpx.AsyncClient(timeout=TIMEOUT_S) as busy:
+            # Hold the model at its gate with one image in it, so that both requests queue
+            # behind it in the model process; then release it: they leave together.
+            gate.write_text("")
             hold = asyncio.ensure_future(
-                busy.post(
-                    f"{split.url}/classify_batch", files=blocker, data={"attention": "rollout"}
-                )
+                busy.post(f"{split.url}/classify", files={"image": ("b.png", digit(9, 64, False))})
             )
-            await asyncio.sleep(0.1)
-            a, b = await asyncio.gather(
-                asyncio.to_thread(first.post, f"{split.url}/classify_batch", files=images),
-                asyncio.to_thread(second.post, f"{split.url}/classify_batch", files=images),
+            await _until(lambda: gate.read_text() == "held=1 queued=0\n")
+            a = asyncio.ensure_future(
+                asyncio.to_thread(first.post, f"{split.url}/classify_batch", files=images)
             )
-            await hold
-        assert a.status_code == b.status_code == 200
-        return a.json()[0]["timing_ms"]["batch_size"], b.json()[0]["timing_ms"]["batch_size"]
+            b = asyncio.ensure_future(
+                asyncio.to_thread(second.post, f"{split.url}/classify_batch", files=images)
+            )
+            await _until(lambda: gate.read_text() == "held=1 queued=16\n")
+            gate.unlink()
+            first_answer, second_answer, held = await asyncio.gather(a, b, hold)
+        assert held.status_code == first_answer.status_code == second_answer.status_code == 200
+        return (
+            first_answer.json()[0]["timing_ms"]["batch_size"],
+            second_answer.json()[0]["timing_ms"]["batch_size"],
+        )
 
     try:
-        seen = [asyncio.run(once()) for _ in range(10)]
+        seen = [asyncio.run(once()) for _ in range(3)]
     finally:
+        gate.unlink(missing_ok=True)
         first.close()
         second.close()
-    # 8 + 8 images from two processes in one forward pass, in at least one of the tries.
-    assert any(a == b == 16 for a, b in seen), seen
+    # 8 + 8 images from two processes in one forward pass, every time.
+    assert all(a == b == 16 for a, b in seen), seen
+
+
+async def _until(condition: Any, timeout_s: float = TIMEOUT_S) -> None:
+    """Poll ``condition`` (the gate file's report) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            if condition():
+                return
+        assert time.monotonic() < deadline, "the model's gate never reported the queue"
+        await asyncio.sleep(0.005)
 
 
 def test_split_answers_match_the_single_process_answers(server: Server, split: Server) -> None:
@@ -144,11 +170,14 @@ def test_killing_the_model_process_mid_load_fails_fast_and_recovers(
         data = digit(3, 64, False)
         outcomes: list[tuple[int, str, float]] = []
 
-        async def load(stop_at: float) -> None:
+        async def scenario() -> None:
+            # Kill once the load is answered, stop once it has met the model's absence.
+            warm, failed_fast, stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+            killed: list[bool] = []
             async with httpx.AsyncClient(timeout=TIMEOUT_S + 5) as client:
 
                 async def user() -> None:
-                    while time.monotonic() < stop_at:
+                    while not stop.is_set():
                         started = time.monotonic()
                         response = await client.post(
                             f"{running.url}/classify", files={"image": ("d.png", data)}
@@ -157,15 +186,19 @@ def test_killing_the_model_process_mid_load_fails_fast_and_recovers(
                             "" if response.status_code == 200 else response.json()["error"]["code"]
                         )
                         outcomes.append((response.status_code, code, time.monotonic() - started))
+                        if len(outcomes) >= 8:
+                            warm.set()
+                        if killed and response.status_code == 503:
+                            failed_fast.set()
 
-                await asyncio.gather(*(user() for _ in range(8)))
-
-        async def scenario() -> None:
-            stop_at = time.monotonic() + 4
-            loading = asyncio.ensure_future(load(stop_at))
-            await asyncio.sleep(1.5)
-            os.kill(model_pid, signal.SIGKILL)
-            await loading
+                users = asyncio.gather(*(user() for _ in range(8)))
+                await asyncio.wait_for(warm.wait(), TIMEOUT_S)
+                os.kill(model_pid, signal.SIGKILL)
+                killed.append(True)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(failed_fast.wait(), TIMEOUT_S)
+                stop.set()
+                await users
 
         asyncio.run(scenario())
         statuses = Counter((status, code) for status, code, _ in outcomes)
@@ -218,6 +251,12 @@ def test_one_and_two_replicas_both_serve_a_fixed_load(tmp_path: Path, workers: s
         assert _runtime(running.url)["http_workers"] == int(workers)
 
 
+def _each_answered(outcomes: list[tuple[int, str]], users: int, times: int) -> bool:
+    """Whether each of ``users`` users has ``times`` 200 answers among ``outcomes``."""
+    answered = Counter(index for index, kind in outcomes if kind == "200")
+    return len(answered) == users and min(answered.values()) >= times
+
+
 def test_a_dying_http_worker_loses_only_its_own_in_flight_requests(tmp_path: Path) -> None:
     env = {**SPLIT_ENV, "VIT_REQUEST_TIMEOUT_S": str(TIMEOUT_S)}
     with serve(env, tmp_path) as running:
@@ -225,12 +264,15 @@ def test_a_dying_http_worker_loses_only_its_own_in_flight_requests(tmp_path: Pat
         victim: list[int] = []
         outcomes: list[tuple[int, str]] = []  # (user, "200" | "503:<code>" | "lost")
 
-        async def user(index: int, stop_at: float) -> None:
+        killed_at: list[int] = []  # len(outcomes) when the worker was killed
+        enough = asyncio.Event()
+
+        async def user(index: int, stop: asyncio.Event) -> None:
             # One keep-alive connection per user: when its worker dies, only the request then
             # in flight on it may be lost; the next one reconnects (to a live worker).
             limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
             async with httpx.AsyncClient(timeout=TIMEOUT_S + 5, limits=limits) as client:
-                while time.monotonic() < stop_at:
+                while not stop.is_set():
                     try:
                         response = await client.post(
                             f"{running.url}/classify", files={"image": ("d.png", data)}
@@ -240,13 +282,23 @@ def test_a_dying_http_worker_loses_only_its_own_in_flight_requests(tmp_path: Pat
                         continue
                     code = "" if response.status_code == 200 else response.json()["error"]["code"]
                     outcomes.append((index, f"{response.status_code}{code}"))
+                    if len(outcomes) >= 8 and not killed_at:
+                        enough.set()
+                    if killed_at and _each_answered(outcomes[killed_at[0] :], users=8, times=8):
+                        enough.set()
 
         async def scenario() -> None:
-            stop_at = time.monotonic() + 4
-            users = asyncio.gather(*(user(i, stop_at) for i in range(8)))
-            await asyncio.sleep(1.5)
+            # Kill once the load is answered; stop once every user has 8 answers after it.
+            stop = asyncio.Event()
+            users = asyncio.gather(*(user(i, stop) for i in range(8)))
+            await asyncio.wait_for(enough.wait(), TIMEOUT_S)
+            enough.clear()
             victim.append(_runtime(running.url)["pid"])
             os.kill(victim[0], signal.SIGKILL)
+            killed_at.append(len(outcomes))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(enough.wait(), 60)
+            stop.set()
             await users
 
         asyncio.run(scenario())

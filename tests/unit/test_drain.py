@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.serving import REPO
+from harness.serving import REPO
 
 # The worker: records each SIGTERM (os.write: safe however often the handler re-enters), asks
 # for the parent-death signal, says ready.

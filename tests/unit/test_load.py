@@ -1,4 +1,5 @@
-"""The open-loop generator: its HTTP parser, and its counting against a tiny local server."""
+"""The HTTP load client (open and closed loop): its HTTP parser, and its counting against a tiny
+local server."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from loadtests import openloop
-from loadtests.openloop import NO_ERROR_BODY, Request, Result, run_closed_loop, run_open_loop
+from harness import load
+from harness.load import NO_ERROR_BODY, Request, Result, run_closed_loop, run_open_loop
 
 _ERROR_BODY = json.dumps({"error": {"code": "invalid_top_k", "message": "1..10"}}).encode()
 
@@ -123,7 +124,7 @@ async def _serving() -> AsyncIterator[_Server]:
 
 def _run(coroutine: Callable[[], Coroutine[Any, Any, Any]], loop: str) -> Any:
     if loop == "uvloop":
-        return openloop.run_loop(coroutine())
+        return load.run_loop(coroutine())
     return asyncio.run(coroutine())
 
 
@@ -142,7 +143,7 @@ LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 
 
 def _parse_bytewise(data: bytes, head_request: bool = False) -> list[tuple[int, bytes, bool]]:
-    parser = openloop._ResponseParser()
+    parser = load._ResponseParser()
     parser.expect(head_request)
     answers = []
     for i in range(len(data)):
@@ -214,7 +215,7 @@ def test_parser_knows_a_head_answer_has_no_body() -> None:
     ],
 )
 def test_parser_refuses_what_is_not_http(wire: bytes) -> None:
-    parser = openloop._ResponseParser()
+    parser = load._ResponseParser()
     parser.expect(False)
     with pytest.raises(ValueError):
         parser.feed(wire)
@@ -231,7 +232,7 @@ def test_parser_refuses_what_is_not_http(wire: bytes) -> None:
     ],
 )
 def test_error_code_comes_from_the_json_body(status: int, body: bytes, code: str) -> None:
-    assert openloop._error_code(status, body) == code
+    assert load._error_code(status, body) == code
 
 
 def test_request_wire_adds_host_and_length() -> None:
@@ -244,10 +245,10 @@ def test_request_wire_adds_host_and_length() -> None:
 
 
 def test_weighted_mix_keeps_exact_shares() -> None:
-    pick = openloop._Picker([Request("a", "GET", "/", weight=3), Request("b", "GET", "/")])
+    pick = load._Picker([Request("a", "GET", "/", weight=3), Request("b", "GET", "/")])
     assert Counter(pick() for _ in range(400)) == Counter({0: 300, 1: 100})
     with pytest.raises(ValueError, match="positive"):
-        openloop._Picker([Request("a", "GET", "/", weight=0)])
+        load._Picker([Request("a", "GET", "/", weight=0)])
 
 
 # ---- against the tiny server ----------------------------------------------------------------
@@ -295,7 +296,7 @@ def test_open_loop_counts_statuses_and_error_codes_per_kind() -> None:
                 server.url, requests, rate=200, duration_s=0.4, arrivals="uniform"
             )
 
-    result = openloop.run_loop(scenario())
+    result = load.run_loop(scenario())
     _accounted(result)
     assert result.scheduled == Counter({"chunked": 40, "error": 20, "text": 20})
     assert result.answered == Counter(
@@ -354,7 +355,7 @@ def test_connection_refused_is_a_connect_error() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
-        result = openloop.run_loop(
+        result = load.run_loop(
             run_open_loop(
                 f"http://127.0.0.1:{port}",
                 [Request("ok", "GET", "/ok")],
@@ -363,7 +364,7 @@ def test_connection_refused_is_a_connect_error() -> None:
                 arrivals="uniform",
             )
         )
-        closed = openloop.run_loop(
+        closed = load.run_loop(
             run_closed_loop(
                 f"http://127.0.0.1:{port}", [Request("ok", "GET", "/ok")], clients=2, duration_s=0.1
             )
@@ -390,7 +391,7 @@ def test_timeouts_and_an_exhausted_pool_are_counted_apart() -> None:
                 arrivals="uniform",
             )
 
-    result = openloop.run_loop(scenario())
+    result = load.run_loop(scenario())
     _accounted(result)
     assert result.scheduled["silent"] == 20
     assert result.sent["silent"] == 3 == result.timeouts["silent"]
@@ -409,7 +410,7 @@ def test_protocol_errors_are_counted() -> None:
                 arrivals="uniform",
             )
 
-    result = openloop.run_loop(scenario())
+    result = load.run_loop(scenario())
     _accounted(result)
     assert result.protocol_errors == Counter({"junk": 10})
 
@@ -417,7 +418,7 @@ def test_protocol_errors_are_counted() -> None:
 def test_idle_connections_past_the_keep_alive_window_are_not_reused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(openloop, "_KEEPALIVE_IDLE_S", 0.02)
+    monkeypatch.setattr(load, "_KEEPALIVE_IDLE_S", 0.02)
 
     async def scenario() -> tuple[Result, _Server]:
         async with _serving() as server:
@@ -453,7 +454,7 @@ def test_on_tick_sees_the_live_result() -> None:
                 on_tick=tick,
             )
 
-    result = openloop.run_loop(scenario())
+    result = load.run_loop(scenario())
     assert [at for at, _ in seen] == pytest.approx([0.1, 0.2, 0.3])
     assert [sent for _, sent in seen] == sorted(sent for _, sent in seen)
     assert seen[-1][1] < result.offered == 35
@@ -466,6 +467,6 @@ def test_poisson_arrivals_are_seeded() -> None:
                 server.url, [Request("ok", "GET", "/ok")], rate=300, duration_s=0.3, seed=seed
             )
 
-    counts = [openloop.run_loop(scenario(seed)).scheduled["ok"] for seed in (1, 1, 2)]
+    counts = [load.run_loop(scenario(seed)).scheduled["ok"] for seed in (1, 1, 2)]
     assert counts[0] == counts[1]
     assert 40 < counts[2] < 160

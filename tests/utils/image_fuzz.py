@@ -1,6 +1,6 @@
 """Seed uploads and Hypothesis strategies that damage them, for the decoder and API fuzzers.
 
-Seeds are the project's own samples (``loadtests/samples.py``: held-out digits, the small synthetic
+Seeds are the project's own samples (``harness/samples.py``: held-out digits, the small synthetic
 photos, the bad uploads) plus small Pillow encodings of every accepted format in the modes the
 decoder converts. Mutations are the ones hostile or broken clients produce: flipped, inserted and
 deleted bytes, truncation, appended junk, duplicated spans, and headers whose declared width and
@@ -21,7 +21,7 @@ import numpy as np
 from hypothesis import strategies as st
 from PIL import Image
 
-from loadtests.samples import bad_samples, digit_samples, photo_samples
+from harness.samples import bad_samples, digit_samples, photo_samples
 
 __all__ = [
     "MAX_SEED_BYTES",

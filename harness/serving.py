@@ -94,22 +94,33 @@ def scrape(url: str) -> dict[str, float]:
     return parse_exposition(response.text)
 
 
+# Fresh connections that must find a server ready, in a row: with two workers, the chance that
+# all of them land on one is 2**-15.
+READY_PROBES = 16
+
+
 def wait_ready(
     process: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float, what: str
 ) -> None:
-    """Poll ``url`` until it answers 200; fail early if ``process`` exits or time runs out."""
+    """Poll ``url`` until it answers 200 on ``READY_PROBES`` fresh connections in a row (the
+    kernel spreads new connections over the workers: all of them are ready, not only the
+    first); fail early if ``process`` exits, or once ``timeout_s`` has passed."""
     deadline = time.monotonic() + timeout_s
-    while True:
+    in_a_row = 0
+    while in_a_row < READY_PROBES:
         if process.poll() is not None:
             raise RuntimeError(f"{what} exited early:\n{log.read_text(errors='replace')[-4000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
+        try:
+            ready = httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            ready = False
+        in_a_row = in_a_row + 1 if ready else 0
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"{what} not ready in {timeout_s} s:\n{log.read_text(errors='replace')[-4000:]}"
             )
-        time.sleep(0.2)
+        if not ready:
+            time.sleep(0.2)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,10 @@ Each worker (``WorkerServer``, ``WorkerProtocol``):
   listens on a socket of its own bound to the same address: the kernel spreads new connections.
 - **The admission gate.** As soon as a request's headers are parsed, the front door may answer
   it with pre-rendered bytes (``Front.gate``): the app never runs, the body is skipped and the
-  connection kept.
+  connection kept. Refusals in a row on one connection are paced (``refusal_delay``): the
+  first is answered at once, each next one after a growing wait (a timer, no CPU), so a client
+  that resends the moment it is refused, ignoring ``Retry-After``, costs a refusal per wait
+  instead of one per round trip; an admitted request resets the pace.
 - **Drain** (``service/runtime/drain.py``): on SIGTERM, unready at once and ``Connection:
   close`` on every answer; after the drain delay, the listeners are swept (connections queued
   in the kernel are served, not reset) and closed, idle connections linger briefly, and what was
@@ -66,6 +69,7 @@ __all__ = [
     "WorkerProtocol",
     "WorkerServer",
     "install",
+    "refusal_delay",
     "replaced",
     "serving_runtime",
     "worker_socket",
@@ -76,6 +80,10 @@ _logger = logging.getLogger(__name__)
 # How long an idle connection stays open once the server stops admitting: a request already
 # sent on it (crossing our close on the wire) arrives within this and is still answered.
 LINGER_S = 0.5
+# Refusals paced per connection (``refusal_delay``): the second in a row waits PACE_FIRST_S,
+# each next one twice as long, up to PACE_MAX_S.
+PACE_FIRST_S = 0.025
+PACE_MAX_S = 0.2
 UNMATCHED_PATH = "/(unmatched)"
 _API_SOCKET = "_bento_api_server"  # bentoml's API_SERVER_NAME
 _ORIGINAL_PATH = "vit.original_path"
@@ -279,10 +287,22 @@ class _Answered:
 _ANSWERED = {True: _Answered(True), False: _Answered(False)}
 
 
+def refusal_delay(in_a_row: int) -> float:
+    """How long the ``in_a_row``-th refusal in a row on one connection waits before it is
+    written: 0 for the first, then PACE_FIRST_S doubling up to PACE_MAX_S."""
+    if in_a_row <= 1:
+        return 0.0
+    return min(PACE_MAX_S, PACE_FIRST_S * 2 ** (in_a_row - 2))
+
+
 class WorkerProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, plus the gate, the header deadline and the drain."""
+    """uvicorn's httptools protocol, plus the gate (and its pace), the header deadline and the
+    drain."""
 
     _header_timer: asyncio.TimerHandle | None = None
+    _refusals = 0  # refusals in a row on this connection
+    _paced: asyncio.TimerHandle | None = None  # a refusal waiting for its turn
+    _paced_answer = b""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -290,6 +310,9 @@ class WorkerProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._paced is not None:
+            self._paced.cancel()
+            self._paced = None
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -299,13 +322,18 @@ class WorkerProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        if self._paced is not None:  # a request pipelined behind a paced refusal: in order
+            self._send_paced()
         if self._idle() and self._gated():
             return
+        self._refusals = 0
         super().on_headers_complete()
         if DRAIN.started is not None and self.cycle is not None:
             self.cycle.keep_alive = False  # uvicorn then answers with Connection: close
 
     def shutdown(self) -> None:
+        if self._paced is not None:
+            self._send_paced()
         if not self._idle():
             self.cycle.keep_alive = False
             return
@@ -326,15 +354,35 @@ class WorkerProtocol(HttpToolsProtocol):
             and DRAIN.started is None
         )
         self.cycle = _ANSWERED[keep_alive]  # type: ignore[assignment]
-        if keep_alive:
-            self.transport.write(answer)
-        else:  # mark the answer as the connection's last
+        if not keep_alive:  # mark the answer as the connection's last
             head, _, body = answer.partition(b"\r\n\r\n")
             self.transport.write(head + b"\r\nconnection: close\r\n\r\n" + body)
-        self.on_response_complete()
-        if not keep_alive:
+            self.on_response_complete()
             self.loop.call_later(LINGER_S, self._close_if_idle)  # let the body arrive first
+            return True
+        self._refusals += 1
+        delay = refusal_delay(self._refusals)
+        if delay == 0.0:
+            self.transport.write(answer)
+            self.on_response_complete()
+            return True
+        # Read nothing more meanwhile: whatever comes next on this connection is answered
+        # after this refusal, in order.
+        self.flow.pause_reading()
+        self._paced_answer = answer
+        self._paced = self.loop.call_later(delay, self._send_paced)
         return True
+
+    def _send_paced(self) -> None:
+        """Write the paced refusal now (its time has come, or order or a stop demands it)."""
+        if self._paced is None:
+            return
+        self._paced.cancel()
+        self._paced = None
+        if self.transport.is_closing():
+            return
+        self.transport.write(self._paced_answer)
+        self.on_response_complete()  # reads again, and arms the keep-alive timer
 
     def _arm(self) -> None:
         self._disarm()

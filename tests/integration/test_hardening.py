@@ -31,6 +31,7 @@ import pytest
 
 from harness.samples import digit, multipart
 from harness.serving import REPO, Server, free_port, parse_exposition, serve
+from service.runtime.server import refusal_delay
 
 
 @dataclass
@@ -447,3 +448,40 @@ def test_metrics_scrapes_have_their_own_label(strict: Server) -> None:
     text = httpx.get(f"{strict.url}/metrics").text
     scrapes = [line for line in text.splitlines() if 'endpoint="/metrics"' in line]
     assert scrapes and not any('endpoint="/(unmatched)"' in line for line in text.splitlines())
+
+
+def test_refusals_in_a_row_on_one_connection_are_paced(strict: Server) -> None:
+    """A client that resends the moment it is refused (ignoring Retry-After) is answered ever
+    later on that connection: the first refusal at once, each next one after a growing wait
+    (a timer: the worker spends nothing meanwhile); every refusal is counted."""
+    body, content_type = multipart({}, [("image", "d.png", digit(2, 64, False))])
+    head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+    request = head % (content_type.encode(), len(body)) + body
+    key = 'vit_image_errors_total{code="overloaded"}'
+    before = _metric(strict, key)
+    holders = [_connect(strict) for _ in range(2)]
+    waits: list[float] = []
+    try:
+        for sock in holders:  # admitted, then stalled mid-body (for VIT_BODY_TIMEOUT_S)
+            sock.sendall(head % (content_type.encode(), len(body)) + body[:10])
+        deadline = time.monotonic() + 0.9
+        while _metric(strict, "vit_inflight_requests") < 2:
+            assert time.monotonic() < deadline, "the two stalled requests were not admitted"
+            time.sleep(0.01)
+        with _connect(strict) as sock:
+            for _ in range(4):
+                started = time.monotonic()
+                sock.sendall(request)
+                status, _headers, answer = _read_answer(sock)
+                waits.append(time.monotonic() - started)
+                assert status == 503 and answer["error"]["code"] == "overloaded", answer
+    finally:
+        for sock in holders:
+            sock.close()
+    paced = [refusal_delay(k) for k in (2, 3, 4)]
+    print(f"\nrefusals in a row on one connection answered after {waits} s (paced {paced})")
+    assert waits[0] < 0.5  # the first at once
+    assert paced == sorted(paced) and paced[0] > 0
+    for waited, pace in zip(waits[1:], paced, strict=True):
+        assert waited >= 0.9 * pace, (waits, paced)
+    assert _metric(strict, key) - before == 4

@@ -19,8 +19,8 @@ MINUTES ?= 10
 
 .DEFAULT_GOAL := help
 .PHONY: help install system serve test test-unit test-http test-integration test-e2e fuzz lint format \
-        train import-model bench overload loadtest soak rehearsal container-test clean evaluate \
-        depth-study
+        train import-model bench overload storm loadtest soak rehearsal container-test clean \
+        evaluate depth-study
 
 # What the tests use beyond pip, from Debian: a real Prometheus (and promtool), compose
 # validation, headless Chromium + ChromeDriver for the page, podman + runc + mmdebstrap to build
@@ -109,6 +109,10 @@ bench: $(STAMP) ## Offline vs served, and ours vs a hand-written peer -> results
 overload: $(STAMP) ## Goodput at 2x and 5x capacity beside the peer, sharing cores then pinned apart -> results/overload{,-pinned}.{json,md}
 	$(PY) -m loadtests.overload --rounds 3
 	$(PY) -m loadtests.overload --rounds 3 --pin
+
+storm: $(STAMP) ## Goodput under a retry storm (wrk -c400 resending at once) over capacity, shared then pinned -> results/storm{,-pinned}.{json,md}
+	$(PY) -m loadtests.storm
+	$(PY) -m loadtests.storm --pin
 
 soak: $(STAMP) ## Open-loop soak of a fresh local service at 80% of capacity for MINUTES (10), not in make test -> results/soak.json
 	$(PY) -m loadtests.soak --minutes $(MINUTES)

@@ -170,6 +170,7 @@ def _round(which: str, running: Server, request: Request, seconds: float) -> dic
         }
     }
     for factor in (2, 5):
+        before = tcp_counters()
         with server_cpu(running) as cpu:
             result = run_loop(
                 run_open_loop(
@@ -182,6 +183,10 @@ def _round(which: str, running: Server, request: Request, seconds: float) -> dic
                 )
             )
         figures = out[f"{factor}x"] = _figures(result, capacity)
+        after = tcp_counters()
+        # Connections the kernel dropped (a full accept or SYN queue; the client retries its SYN
+        # after 1, 3 and 7 s): with none, a long tail is the server's, not the kernel's.
+        figures["kernel_tcp"] = {key: after[key] - before.get(key, 0) for key in after}
         refused = _count(result, "503 overloaded")
         if factor == 5 and refused:
             # What the refusals cost, if each good answer cost what it did at capacity: at 5x,
@@ -190,6 +195,22 @@ def _round(which: str, running: Server, request: Request, seconds: float) -> dic
             figures["server_cpu_us_per_refusal"] = round(max(0.0, spent) / refused * 1e6, 1)
         print(f"[{which}] capacity {capacity:.1f}/s, {factor}x: {json.dumps(figures)}")
     return out
+
+
+_TCP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPSynRetrans")
+
+
+def tcp_counters() -> dict[str, int]:
+    """This host's TcpExt counters of dropped and retried connections (``nstat``'s source)."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return {}
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], map(int, values.split()[1:]), strict=False))
+            return {key: table[key] for key in _TCP_COUNTERS if key in table}
+    return {}
 
 
 def _count(result: Result, answer: str) -> int:
@@ -207,8 +228,9 @@ def _markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         "| server | capacity/s | 2x: goodput (share) | 2x p99 ms | 5x: goodput (share) | "
         "5x p99 ms | 400 clients: goodput (share) | p99 ms | 2x / 5x share per round | "
-        "server CPU per answer / per refusal at 5x (medians) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "server CPU per answer / per refusal at 5x (medians) | 5x kernel: listen overflows / "
+        "SYN retransmits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for which, out in results.items():
         cells = [which, f"{out['capacity']['goodput']:.0f}"]
@@ -224,6 +246,8 @@ def _markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         cells.append(
             f"{cpu['ms_per_answer']:.2f} ms / " + ("-" if refusal is None else f"{refusal:.0f} µs")
         )
+        kernel = out["5x"].get("kernel_tcp", {})
+        cells.append(f"{kernel.get('ListenOverflows', '-')} / {kernel.get('TCPSynRetrans', '-')}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

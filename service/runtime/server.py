@@ -51,6 +51,7 @@ import socket
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import uvicorn
@@ -68,6 +69,7 @@ __all__ = [
     "Front",
     "WorkerProtocol",
     "WorkerServer",
+    "accept_queue",
     "install",
     "refusal_delay",
     "replaced",
@@ -82,8 +84,8 @@ _logger = logging.getLogger(__name__)
 LINGER_S = 0.5
 # Refusals paced per connection (``refusal_delay``): the second in a row waits PACE_FIRST_S,
 # each next one twice as long, up to PACE_MAX_S.
-PACE_FIRST_S = 0.025
-PACE_MAX_S = 0.2
+PACE_FIRST_S = 0.05
+PACE_MAX_S = 0.3
 UNMATCHED_PATH = "/(unmatched)"
 _API_SOCKET = "_bento_api_server"  # bentoml's API_SERVER_NAME
 _ORIGINAL_PATH = "vit.original_path"
@@ -95,8 +97,9 @@ class Front(Protocol):
     def wrap(self, app: Any) -> Any:
         """The ASGI app a worker serves, around BentoML's ``app``."""
 
-    def gate(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> bytes | None:
-        """A whole answer to send right after the headers, or None to let the request in."""
+    def gate(self, method: bytes, url: bytes, scope: dict[str, Any]) -> bytes | None:
+        """A whole answer to send right after the headers, or None to let the request in (the
+        gate may mark its ``scope``, which the app then sees)."""
 
     def header_timeout(self, seconds: float) -> bytes:
         """Count a connection closed for slow headers; the 408's bytes."""
@@ -146,19 +149,33 @@ def replaced() -> dict[str, str]:
     }
 
 
-def serving_runtime() -> dict[str, str]:
-    """The event loop and HTTP parser this process really runs (asked, not assumed)."""
+def serving_runtime() -> dict[str, Any]:
+    """The event loop, HTTP parser and accept queue this process really runs (asked, not
+    assumed)."""
     loop = type(asyncio.get_running_loop())
     config = _INSTALLED[0].config if _INSTALLED else None
     protocol = getattr(config, "http_protocol_class", None)
     if isinstance(protocol, type) and issubclass(protocol, HttpToolsProtocol):
         protocol = HttpToolsProtocol  # ours only adds to uvicorn's httptools protocol
+    backlog = getattr(config, "backlog", None)
     return {
         "event_loop": f"{loop.__module__}.{loop.__qualname__}",
         "http_protocol": "unknown"
         if protocol is None
         else f"{protocol.__module__}.{protocol.__qualname__}",
+        "listen_backlog": None if backlog is None else accept_queue(backlog),
     }
+
+
+def accept_queue(backlog: int) -> int:
+    """The accept queue a socket listening with ``backlog`` really gets: the kernel caps it at
+    ``net.core.somaxconn`` (4096 on Linux 5.4 and later, 128 before; set per network namespace,
+    so per container or pod)."""
+    try:
+        cap = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return backlog
+    return min(backlog, cap)
 
 
 # --- each worker's server ------------------------------------------------------------------
@@ -173,6 +190,18 @@ class WorkerServer(uvicorn.Server):
         config.app = installed.front.wrap(config.app)
         if sockets:
             sockets = [worker_socket(sock, config.backlog) for sock in sockets]
+        queue = accept_queue(config.backlog)
+        if queue < config.backlog:
+            # A burst of new connections past the accept queue has its SYNs dropped, and the
+            # clients retry them after 1, 3 and 7 s: the steps of an overload test's long tail.
+            _logger.warning(
+                "the accept queue is %d connections, not the %d asked: net.core.somaxconn caps it; "
+                "raise it (sysctl net.core.somaxconn=%d; a pod's securityContext.sysctls) so a "
+                "burst of new connections is not retried after 1, 3 and 7 s",
+                queue,
+                config.backlog,
+                config.backlog,
+            )
         super().run(sockets=sockets)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
@@ -345,7 +374,8 @@ class WorkerProtocol(HttpToolsProtocol):
     def _gated(self) -> bool:
         if self.parser.should_upgrade():
             return False
-        answer = _INSTALLED[0].front.gate(self.parser.get_method(), self.url, self.headers)
+        scope: Any = self.scope
+        answer = _INSTALLED[0].front.gate(self.parser.get_method(), self.url, scope)
         if answer is None:
             return False
         keep_alive = (

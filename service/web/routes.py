@@ -33,7 +33,7 @@ from fastapi.staticfiles import StaticFiles
 
 from ..errors import ApiError
 from ..runtime.settings import Settings
-from .admission import ENDPOINTS
+from .admission import ENDPOINTS, RESERVED
 from .answers import AnswerBuilder, JsonResponse, error_response, header_timeout_bytes
 from .options import parse_options
 from .reading import read_request, request_id
@@ -103,12 +103,12 @@ class Front:
 
         return serve
 
-    def gate(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    def gate(self, method: bytes, url: bytes, scope: dict[str, Any]) -> bytes | None:
         """The admission gate, asked right after a request's headers (off while tracing: a
         refusal would go untraced)."""
         if self.worker is None or self.settings.tracing:
             return None
-        return self.worker.admission.gate(method, url, headers)
+        return self.worker.admission.gate(method, url, scope)
 
     def header_timeout(self, seconds: float) -> bytes:
         """A connection's headers came too late: count it; the 408's bytes."""
@@ -129,10 +129,11 @@ class Front:
         worker = self.worker
         assert worker is not None, "no HTTP worker in this process"
         rid = request_id(request.headers.get("x-request-id", ""))
-        refusal = worker.admission.check()
-        if refusal is not None:  # the body stays unread (uvicorn skips it; keep-alive holds)
-            worker.admission.refused(endpoint, refusal)
-            return error_response(refusal, rid)
+        if not request.scope.pop(RESERVED, False):  # the gate was not asked (a pipelined one)
+            refusal = worker.admission.admit()
+            if refusal is not None:  # the body stays unread (uvicorn skips it)
+                worker.admission.refused(endpoint, refusal)
+                return error_response(refusal, rid)
         async with worker.admitted(endpoint, rid) as envelope:
             envelope.response = await self._classify(worker, request, endpoint, rid)
         assert envelope.response is not None

@@ -79,13 +79,13 @@ class HttpWorker:
     # --- requests --------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def admitted(self, endpoint: str, request_id: str) -> AsyncIterator[Envelope]:
-        """One admitted request, inside the envelope every front door shares: in flight
-        (admission and ``vit_inflight_requests``), timed (``vit_request_duration_seconds``),
-        counted (``vit_requests_total``); the request deadline (504) and an unexpected error
-        (500) end the block with the envelope's ``response`` in our shape. The front door sets
+        """One admitted request (its place reserved: ``Admission.admit``, or the gate), inside
+        the envelope every front door shares: in flight (``vit_inflight_requests``; its place
+        released at the end), timed (``vit_request_duration_seconds``), counted
+        (``vit_requests_total``); the request deadline (504) and an unexpected error (500) end
+        the block with the envelope's ``response`` in our shape. The front door sets
         ``response`` in the block."""
         admission, metrics = self.admission, self.metrics
-        admission.active += 1
         metrics.inflight.inc()
         started = time.perf_counter()
         envelope = Envelope()
@@ -106,7 +106,7 @@ class HttpWorker:
             assert envelope.response is not None, "the front door set no response"
             admission.answered(endpoint, envelope.response.status_code)
         finally:
-            admission.active -= 1
+            admission.release()
             metrics.inflight.dec()
             metrics.request_seconds.labels(endpoint=endpoint).observe(time.perf_counter() - started)
 

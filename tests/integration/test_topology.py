@@ -19,6 +19,7 @@ import pytest
 
 from harness.samples import digit
 from harness.serving import Server, serve
+from service.runtime.server import accept_queue
 from tests.utils import assert_same_answer
 
 SPLIT_ENV = {"VIT_TOPOLOGY": "split", "VIT_WORKERS": "2", "VIT_ACCESS_LOG": "false"}
@@ -60,6 +61,8 @@ def test_the_server_runs_uvloop_and_httptools(server: Server, split: Server) -> 
     for running in (server, split):
         runtime = _runtime(running.url)
         assert runtime["event_loop"] == "uvloop.Loop"
+        # BentoML's default backlog, as far as net.core.somaxconn lets it (a warning if not).
+        assert runtime["listen_backlog"] == accept_queue(2048)
         assert runtime["http_protocol"].endswith("httptools_impl.HttpToolsProtocol")
 
 

@@ -250,7 +250,10 @@ def test_routing_errors_are_answered_in_our_shape(
 
 def test_the_early_gate_refuses_at_the_headers_in_our_shape(served: Any) -> None:
     full = served("full")
-    gate = full.front.gate
+
+    def gate(method: bytes, url: bytes, headers: Any = ()) -> bytes | None:
+        return full.front.gate(method, url, {"headers": list(headers)})
+
     answer = gate(b"POST", b"/classify_batch?top_k=2", [(b"x-request-id", b"r-9")])
     assert answer is not None
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -260,14 +263,17 @@ def test_the_early_gate_refuses_at_the_headers_in_our_shape(served: Any) -> None
     assert orjson.loads(body)["error"]["code"] == "overloaded"
     assert full.counted("classify_batch", 503) == 1 and full.codes("overloaded") == 1
     # Anything else goes on to the app: other methods and paths, or a request it can admit.
-    assert gate(b"GET", b"/classify", []) is None
-    assert gate(b"POST", b"/model", []) is None
-    assert served("ok").front.gate(b"POST", b"/classify", []) is None
+    assert gate(b"GET", b"/classify") is None
+    assert gate(b"POST", b"/model") is None
+    scope: dict[str, Any] = {"headers": []}
+    ok = served("ok")
+    assert ok.front.gate(b"POST", b"/classify", scope) is None
+    assert scope["vit.reserved"] is True and ok.worker.admission.active == 1  # its place
 
 
 def test_the_gate_is_off_while_tracing_and_before_the_worker_exists(served: Any) -> None:
-    assert served("full", tracing=True).front.gate(b"POST", b"/classify", []) is None
-    assert Front(Settings()).gate(b"POST", b"/classify", []) is None
+    assert served("full", tracing=True).front.gate(b"POST", b"/classify", {"headers": []}) is None
+    assert Front(Settings()).gate(b"POST", b"/classify", {"headers": []}) is None
 
 
 def test_the_front_door_knows_the_api_and_bentomls_pages(tmp_path: Path) -> None:

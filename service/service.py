@@ -29,7 +29,7 @@ from .metrics import create_metrics
 from .model.runner import ModelRunner
 from .runtime.drain import DRAIN, draining
 from .runtime.plan import Plan, plan_for
-from .runtime.runfolder import report_load_failure
+from .runtime.runfolder import report_failure
 from .runtime.server import install
 from .runtime.settings import Settings, load_settings
 from .web.admission import ENDPOINTS
@@ -62,14 +62,15 @@ def build(
         runner logged the error) or keep serving the error. Returns whether to keep serving."""
         if settings.on_load_failure == "exit" and server_context.worker_index is not None:
             _logger.error("stopping the server (VIT_ON_LOAD_FAILURE=exit): %s", error)
-            report_load_failure(error)  # signals the arbiter: only ever from one of its workers
+            # Signals the arbiter: only ever from one of its workers.
+            report_failure(f"the model failed to load: {error}")
             return False
         return True
 
     def stop(error: str) -> None:
         """Nothing can be served: end the server as a failed load does, whatever the policy."""
         if server_context.worker_index is not None:
-            report_load_failure(error)
+            report_failure(error)
 
     @bentoml.service(
         name="vit-model",

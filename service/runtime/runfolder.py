@@ -1,5 +1,6 @@
 """The folder the processes of one ``bentoml serve`` share: replicas' ready marks, the model
-processes' ipc sockets, and the word that the model cannot load.
+processes' ipc sockets, and the word that the server cannot serve (the model cannot load, a model
+process cannot listen).
 
 BentoML's arbiter is the parent of every HTTP worker and model process it runs, so its pid names
 the folder (``/tmp/vit-serve-<pid>``) and no two servers on a host collide. The arbiter claims it
@@ -17,15 +18,15 @@ import tempfile
 from pathlib import Path
 
 __all__ = [
-    "LOAD_FAILED_EXIT",
+    "FAILED_EXIT",
     "ReadyMarks",
     "claim_run_folder",
-    "load_failure_reported",
-    "report_load_failure",
+    "failure_reported",
+    "report_failure",
     "run_folder",
 ]
 
-LOAD_FAILED_EXIT = 3  # `bentoml serve`'s exit status when the model cannot load
+FAILED_EXIT = 3  # `bentoml serve`'s exit status when it cannot serve (see report_failure)
 
 
 def run_folder(run_id: int | None = None) -> Path:
@@ -52,12 +53,12 @@ def claim_run_folder() -> Path:
 
 
 def _release_run_folder(folder: Path) -> None:
-    failed = folder / "load-failed"
+    failed = folder / "failed"
     error = failed.read_text() if failed.exists() else None
     shutil.rmtree(folder, ignore_errors=True)
     if error is not None:
-        print(f"vit-serve: the model failed to load: {error}", file=sys.stderr, flush=True)
-        os._exit(LOAD_FAILED_EXIT)
+        print(f"vit-serve: {error}", file=sys.stderr, flush=True)
+        os._exit(FAILED_EXIT)
 
 
 class ReadyMarks:
@@ -104,13 +105,14 @@ class ReadyMarks:
         return False
 
 
-def load_failure_reported() -> bool:
-    """Whether a worker of this server reported that the model cannot load."""
-    return (run_folder() / "load-failed").exists()
+def failure_reported() -> bool:
+    """Whether a worker of this server reported that it cannot serve."""
+    return (run_folder() / "failed").exists()
 
 
-def report_load_failure(error: str) -> None:
-    """A worker could not load the model (``VIT_ON_LOAD_FAILURE=exit``): leave the error for
-    the arbiter and ask it to stop the server; it then exits with ``LOAD_FAILED_EXIT``."""
-    (run_folder() / "load-failed").write_text(error)
+def report_failure(error: str) -> None:
+    """A worker cannot serve (its model cannot load with ``VIT_ON_LOAD_FAILURE=exit``, or a
+    model process cannot listen): leave ``error`` (what failed, and why) for the arbiter and ask
+    it to stop the server; it then prints the error last and exits with ``FAILED_EXIT``."""
+    (run_folder() / "failed").write_text(error)
     os.kill(os.getppid(), signal.SIGTERM)

@@ -61,7 +61,7 @@ from circus.sockets import CircusSocket
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .drain import DRAIN, stop_with_parent
-from .runfolder import claim_run_folder, load_failure_reported
+from .runfolder import claim_run_folder, failure_reported
 from .settings import Settings
 
 __all__ = [
@@ -122,7 +122,7 @@ _ORIGINALS: dict[str, Any] = {}
 def install(settings: Settings, front: Front) -> None:
     """Hand the servers our classes (idempotent: a second call only changes the front)."""
     DRAIN.delay_s, DRAIN.grace_s = settings.drain_delay_s, settings.grace_period_s
-    DRAIN.skip_delay = load_failure_reported
+    DRAIN.skip_delay = failure_reported
     _INSTALLED[:] = [_Installed(front, settings.header_timeout_s)]
     if _ORIGINALS:
         return

@@ -16,6 +16,9 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -29,7 +32,7 @@ import pytest
 from pydantic import ValidationError
 
 from harness.samples import digit
-from harness.serving import Server, free_ports, scrape, serve, serve_model
+from harness.serving import REPO, Server, free_ports, scrape, serve, serve_model
 from service.runtime.plan import make_plan
 from service.runtime.settings import Settings
 from tests.utils import assert_same_answer
@@ -239,6 +242,34 @@ def test_a_killed_model_server_fails_fast_and_its_replacement_is_found(tmp_path:
                 for _ in range(20):  # every HTTP worker reconnected
                     assert _classify(client, front.url, digit(2, 64, False)).status_code == 200
             assert _forward_passes(replacement) > 0
+
+
+def test_a_model_server_that_cannot_listen_exits_at_once_with_the_reason(tmp_path: Path) -> None:
+    """Its endpoint taken (another process listens there): the model server exits non-zero as
+    soon as it has found out, the way a failed load does, with the reason last; it does not
+    stay up neither ready nor gone."""
+    (port,) = free_ports(1)
+    with socket.create_server(("127.0.0.1", port)):  # the endpoint, taken
+        env = {
+            **os.environ,
+            **MODEL_ENV,
+            "VIT_MODEL_BIND": f"tcp://127.0.0.1:{port}",
+            "BENTOML_HOME": str(tmp_path / "home"),
+            "BENTOML_DO_NOT_TRACK": "true",
+        }
+        (http_port,) = free_ports(1)
+        command = [sys.executable, "-m", "bentoml", "serve", "service.service:VitModel",
+                   "--host", "127.0.0.1", "--port", str(http_port)]  # fmt: skip
+        started = time.monotonic()
+        done = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+    log = done.stdout + done.stderr
+    print(f"\nexit {done.returncode} after {time.monotonic() - started:.1f} s")
+    assert done.returncode == 3, log[-2000:]
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("vit-serve: the model process cannot listen on tcp://127.0.0.1:"), last
+    assert "Address already in use" in last
 
 
 # --- two model servers -----------------------------------------------------------------------

@@ -27,8 +27,8 @@ the served device-decode path with the digits model (top-1 against Pillow, bad u
 
 Served runs start ``bentoml serve`` on a free loopback port per configuration and drive it with
 wrk (a light C load generator, so the client does not steal the server's cores); where wrk is
-missing (the GPU host), an asyncio keep-alive client stands in, in several processes past 64
-connections. Results land in ``results/``.
+missing (the GPU host), the project's load client (``harness/load.py``) stands in, in several
+processes past 64 connections. Results land in ``results/``.
 """
 
 from __future__ import annotations

@@ -407,27 +407,40 @@ def test_slow_headers_get_408_header_timeout_and_others_are_served(strict: Serve
     assert _metric(strict, 'vit_requests_total{endpoint="(headers)",status="408"}') >= 50
 
 
+_HEAD = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+
+
+@contextlib.contextmanager
+def _worker_full(server: Server, body: bytes, content_type: str) -> Iterator[None]:
+    """The ``strict`` worker at its limit (VIT_MAX_CONCURRENCY=2) for the block: two requests
+    admitted, then stalled mid-body (until VIT_BODY_TIMEOUT_S ends them, 1 s)."""
+    holders = [_connect(server) for _ in range(2)]
+    try:
+        for sock in holders:
+            sock.sendall(_HEAD % (content_type.encode(), len(body)) + body[:10])
+        deadline = time.monotonic() + 0.9
+        while _metric(server, "vit_inflight_requests") < 2:
+            assert time.monotonic() < deadline, "the two stalled requests were not admitted"
+            time.sleep(0.01)
+        yield
+    finally:
+        for sock in holders:
+            sock.close()
+
+
 def test_a_refused_request_is_refused_before_its_body_is_read(strict: Server) -> None:
     """With 2 requests in flight per worker (VIT_MAX_CONCURRENCY=2), a third is told 503
     overloaded as soon as its headers arrive: its 4 MB body is never waited for. Each refusal
     is counted once, in the request and the error series."""
     body, content_type = multipart({}, [("image", "d.png", digit(2, 64, False))])
-    head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
     series = ('vit_requests_total{endpoint="classify",status="503"}',
               'vit_image_errors_total{code="overloaded"}')  # fmt: skip
     before = [_metric(strict, key) for key in series]
-    holders = [_connect(strict) for _ in range(2)]
-    try:
-        for sock in holders:  # admitted, then stalled mid-body (for VIT_BODY_TIMEOUT_S)
-            sock.sendall(head % (content_type.encode(), len(body)) + body[:10])
-        deadline = time.monotonic() + 0.9
-        while _metric(strict, "vit_inflight_requests") < 2:
-            assert time.monotonic() < deadline, "the two stalled requests were not admitted"
-            time.sleep(0.01)
+    with _worker_full(strict, body, content_type):
         for request_id in ("first-refusal", "second-refusal"):
             with _connect(strict) as sock:
                 started = time.monotonic()
-                announced = head.replace(b"\r\n\r\n", b"\r\nX-Request-ID: %s\r\n\r\n")
+                announced = _HEAD.replace(b"\r\n\r\n", b"\r\nX-Request-ID: %s\r\n\r\n")
                 sock.sendall(announced % (content_type.encode(), 4_000_000, request_id.encode()))
                 status, headers, answer = _read_answer(sock)
                 waited = time.monotonic() - started
@@ -438,9 +451,6 @@ def test_a_refused_request_is_refused_before_its_body_is_read(strict: Server) ->
             2,
             2,
         ]
-    finally:
-        for sock in holders:
-            sock.close()
 
 
 def test_metrics_scrapes_have_their_own_label(strict: Server) -> None:
@@ -455,29 +465,17 @@ def test_refusals_in_a_row_on_one_connection_are_paced(strict: Server) -> None:
     later on that connection: the first refusal at once, each next one after a growing wait
     (a timer: the worker spends nothing meanwhile); every refusal is counted."""
     body, content_type = multipart({}, [("image", "d.png", digit(2, 64, False))])
-    head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
-    request = head % (content_type.encode(), len(body)) + body
+    request = _HEAD % (content_type.encode(), len(body)) + body
     key = 'vit_image_errors_total{code="overloaded"}'
     before = _metric(strict, key)
-    holders = [_connect(strict) for _ in range(2)]
     waits: list[float] = []
-    try:
-        for sock in holders:  # admitted, then stalled mid-body (for VIT_BODY_TIMEOUT_S)
-            sock.sendall(head % (content_type.encode(), len(body)) + body[:10])
-        deadline = time.monotonic() + 0.9
-        while _metric(strict, "vit_inflight_requests") < 2:
-            assert time.monotonic() < deadline, "the two stalled requests were not admitted"
-            time.sleep(0.01)
-        with _connect(strict) as sock:
-            for _ in range(4):
-                started = time.monotonic()
-                sock.sendall(request)
-                status, _headers, answer = _read_answer(sock)
-                waits.append(time.monotonic() - started)
-                assert status == 503 and answer["error"]["code"] == "overloaded", answer
-    finally:
-        for sock in holders:
-            sock.close()
+    with _worker_full(strict, body, content_type), _connect(strict) as sock:
+        for _ in range(4):
+            started = time.monotonic()
+            sock.sendall(request)
+            status, _headers, answer = _read_answer(sock)
+            waits.append(time.monotonic() - started)
+            assert status == 503 and answer["error"]["code"] == "overloaded", answer
     paced = [refusal_delay(k) for k in (2, 3, 4)]
     print(f"\nrefusals in a row on one connection answered after {waits} s (paced {paced})")
     assert waits[0] < 0.5  # the first at once

@@ -6,7 +6,7 @@
 1. Start ``bentoml serve`` of the default model, default settings, access log off.
 2. Capacity: a closed loop (16 clients, 20 s) of the same mix as the soak (below); the requests
    per second it answers, each as expected.
-3. Soak: an open loop (``loadtests/openloop.py``, Poisson arrivals) at 80 % of that capacity for
+3. Soak: an open loop (``harness/load.py``, Poisson arrivals) at 80 % of that capacity for
    ``--minutes``, a fixed mix: 80 % good ``/classify``, 8 % ``/classify_batch`` of 4 digits, 12 %
    bad requests, each with the exact status and error code it must get (undecodable or
    unsupported bytes, a degenerate image, unknown option values, one image too many).

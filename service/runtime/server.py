@@ -58,7 +58,9 @@ import uvicorn
 from bentoml._internal.server.http import instruments
 from bentoml._internal.utils import circus as bento_circus
 from circus.sockets import CircusSocket
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 from .drain import DRAIN, stop_with_parent
 from .runfolder import claim_run_folder, failure_reported
@@ -332,9 +334,19 @@ class WorkerProtocol(HttpToolsProtocol):
     _refusals = 0  # refusals in a row on this connection
     _paced: asyncio.TimerHandle | None = None  # a refusal waiting for its turn
     _paced_answer = b""
+    _addressed = False  # ``server`` and ``client`` looked up (``_address``)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        # uvicorn's own, less its two address look-ups (getsockname, getpeername), which wait
+        # for the first request the gate lets through (``_address``). Each is a system call
+        # that gives the GIL up, and beside a busy decode or model thread taking it back waits
+        # up to a switch interval (5 ms): at the start of a 5x overload, 1,024 new connections,
+        # each refused, held the event loop for seconds (5x p99 1.4-3 s, all of it requests on
+        # new connections). ``tests/unit/test_seam.py`` checks this sets what uvicorn's sets.
+        self.connections.add(self)
+        self.transport = transport
+        self.flow = FlowControl(transport)
+        self.scheme = "https" if is_ssl(transport) else "http"
         self._arm()  # a connection that never sends a byte is bounded too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -356,6 +368,7 @@ class WorkerProtocol(HttpToolsProtocol):
         if self._idle() and self._gated():
             return
         self._refusals = 0
+        self._address()
         super().on_headers_complete()
         if DRAIN.started is not None and self.cycle is not None:
             self.cycle.keep_alive = False  # uvicorn then answers with Connection: close
@@ -402,6 +415,16 @@ class WorkerProtocol(HttpToolsProtocol):
         self._paced_answer = answer
         self._paced = self.loop.call_later(delay, self._send_paced)
         return True
+
+    def _address(self) -> None:
+        """This connection's two addresses, looked up once, into the request's scope."""
+        if not self._addressed:
+            self._addressed = True
+            self.server = get_local_addr(self.transport)
+            self.client = get_remote_addr(self.transport)
+        scope: Any = self.scope
+        scope["server"] = self.server
+        scope["client"] = self.client
 
     def _send_paced(self) -> None:
         """Write the paced refusal now (its time has come, or order or a stop demands it)."""

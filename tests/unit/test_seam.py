@@ -192,3 +192,109 @@ def test_the_arbiter_respawns_in_containers_and_only_reserves_the_api_port() -> 
     assert facts["reserved"] == "_PortReservation"
     assert facts["reuseport"] == 1 and facts["listening"] == 0 and facts["bound"]
     assert facts["other_kept"] and facts["threaded"] is False
+
+
+class _Socket:
+    """A connected socket's two addresses, counting the look-ups (each a system call)."""
+
+    def __init__(self) -> None:
+        self.lookups = 0
+
+    def getsockname(self) -> tuple[str, int]:
+        self.lookups += 1
+        return ("127.0.0.1", 3000)
+
+    def getpeername(self) -> tuple[str, int]:
+        self.lookups += 1
+        return ("127.0.0.9", 41000)
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.socket = _Socket()
+        self.written = b""
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.socket if name == "socket" else default
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Front:
+    """Refuses ``/busy`` at the gate, lets everything else through."""
+
+    def wrap(self, app: object) -> object:
+        return app
+
+    def gate(self, method: bytes, url: bytes, scope: dict[str, object]) -> bytes | None:
+        if url == b"/busy":
+            return b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+        return None
+
+
+def test_the_worker_protocol_sets_what_uvicorns_sets_and_looks_addresses_up_once_admitted() -> None:
+    """``WorkerProtocol.connection_made`` is uvicorn's less the two address look-ups: a new
+    connection refused at the gate makes no system call for them; the first request let
+    through looks them up once, and its scope carries them as uvicorn's would."""
+    import asyncio
+
+    from uvicorn.config import Config
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState
+
+    from service.runtime import server
+
+    seen: list[dict[str, object]] = []
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        seen.append(scope)
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b""})  # type: ignore[operator]
+
+    async def check() -> None:
+        config = Config(app=app, log_level="warning", lifespan="off")
+        config.load()
+        theirs = HttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+        theirs_transport = _Transport()
+        theirs.connection_made(theirs_transport)  # type: ignore[arg-type]
+        assert theirs_transport.socket.lookups == 2
+
+        saved = server._INSTALLED[:]
+        server._INSTALLED[:] = [server._Installed(_Front(), 5.0)]  # type: ignore[arg-type]
+        try:
+            ours = server.WorkerProtocol(config=config, server_state=ServerState(), app_state={})
+            transport = _Transport()
+            ours.connection_made(transport)  # type: ignore[arg-type]
+            assert transport.socket.lookups == 0
+            assert set(vars(ours)) - set(vars(theirs)) == {"_header_timer"}
+            assert set(vars(theirs)) - set(vars(ours)) == set()
+            assert ours.server is None and ours.client is None  # looked up once admitted
+            for name in set(vars(theirs)) - {"server", "client"}:
+                assert type(vars(ours)[name]) is type(vars(theirs)[name]), name
+
+            ours.data_received(b"POST /busy HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+            assert transport.written.startswith(b"HTTP/1.1 503")
+            assert transport.socket.lookups == 0
+            for _ in range(2):
+                ours.data_received(b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n")
+                for _ in range(10):
+                    await asyncio.sleep(0)
+            assert transport.socket.lookups == 2
+            assert [(s["server"], s["client"]) for s in seen] == [
+                (("127.0.0.1", 3000), ("127.0.0.9", 41000))
+            ] * 2
+            ours.connection_lost(None)
+        finally:
+            server._INSTALLED[:] = saved
+
+    asyncio.run(check())

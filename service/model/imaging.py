@@ -112,6 +112,29 @@ def decode_image(
     return _guarded(data, lambda digest: _decode(data, digest, min_short_side, limits))
 
 
+def image_from_pixels(
+    pixels: np.ndarray, *, min_short_side: int, limits: ImageLimits = ImageLimits()
+) -> DecodedImage:
+    """RGB pixels a client decoded itself (uint8 HxWx3), checked and reduced as an upload's
+    would be: the same size limits, the same whole-factor reduction of the short side."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"pixels must be uint8 HxWx3, not {pixels.dtype} {pixels.shape}")
+    h, w = int(pixels.shape[0]), int(pixels.shape[1])
+    _check_size(w, h, limits)
+    digest = hashlib.sha256(pixels.tobytes()).hexdigest()
+    factor = min(w, h) // min_short_side
+    if factor >= 2:
+        pixels = np.array(Image.fromarray(pixels, "RGB").reduce(factor), dtype=np.uint8)
+    return DecodedImage(
+        pixels=np.ascontiguousarray(pixels),
+        width=w,
+        height=h,
+        format="RAW",
+        mode="RGB",
+        sha256=digest,
+    )
+
+
 @dataclass(frozen=True)
 class ImageHeader:
     """What an upload's header says, checked against the limits; no pixel decoded."""

@@ -24,11 +24,23 @@ from .reading import request_id
 if TYPE_CHECKING:
     from ..backend import Backend
 
-__all__ = ["ENDPOINTS", "RESERVED", "Admission"]
+__all__ = ["ENDPOINTS", "OIP_INFER", "RESERVED", "Admission", "gated_endpoint"]
 
 # The classification routes, by path: the endpoint label their requests are counted under.
 ENDPOINTS = {"/classify": "classify", "/classify_batch": "classify_batch"}
+# The Open Inference Protocol's infer (``POST /v2/models/{name}[/versions/{v}]/infer``).
+OIP_INFER = "oip_infer"
 _GATED = {path.encode(): endpoint for path, endpoint in ENDPOINTS.items()}
+
+
+def gated_endpoint(path: bytes) -> str | None:
+    """The endpoint label of a classification path (no query), else None."""
+    endpoint = _GATED.get(path)
+    if endpoint is None and path.startswith(b"/v2/models/") and path.endswith(b"/infer"):
+        return OIP_INFER
+    return endpoint
+
+
 # The scope key that says the gate let a request in and reserved its place.
 RESERVED = "vit.reserved"
 
@@ -80,7 +92,7 @@ class Admission:
         this worker cannot admit it; else None, its place reserved (``scope[RESERVED]``)."""
         if method != b"POST":
             return None
-        endpoint = _GATED.get(url.partition(b"?")[0])
+        endpoint = gated_endpoint(url.partition(b"?")[0])
         if endpoint is None:
             return None
         refusal = self.admit()
@@ -89,7 +101,7 @@ class Admission:
             return None
         self.refused(endpoint, refusal)
         given = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"")
-        head, tail = refusal_bytes(refusal)
+        head, tail = refusal_bytes(refusal, oip=endpoint == OIP_INFER)
         return head + request_id(given.decode("latin-1")).encode() + tail
 
     def refused(self, endpoint: str, error: ApiError) -> None:

@@ -36,6 +36,8 @@ __all__ = [
     "describe_model",
     "error_response",
     "header_timeout_bytes",
+    "oip_error_body",
+    "oip_error_response",
     "refusal_bytes",
     "top_k",
     "top_patches",
@@ -61,11 +63,28 @@ def error_response(exc: ApiError, request_id: str) -> JsonResponse:
     )
 
 
+def oip_error_body(exc: ApiError) -> dict[str, Any]:
+    """The Open Inference Protocol's error body: ``{"error": "<code>: <message>"}``."""
+    return {"error": f"{exc.code}: {exc.message}"}
+
+
+def oip_error_response(exc: ApiError, request_id: str) -> JsonResponse:
+    """An error in the Open Inference Protocol's shape, with the status and headers of the
+    native API's table."""
+    return JsonResponse(
+        oip_error_body(exc),
+        status_code=exc.status,
+        headers={**exc.headers, "X-Request-ID": request_id},
+    )
+
+
 @functools.lru_cache(maxsize=8)  # admission refuses with one of two errors, built once
-def refusal_bytes(refusal: ApiError) -> tuple[bytes, bytes]:
+def refusal_bytes(refusal: ApiError, oip: bool = False) -> tuple[bytes, bytes]:
     """A 503 refusal as the admission gate writes it to the socket, but for its request id:
-    the bytes before the id, and the bytes after it."""
-    body = orjson.dumps(refusal.body())
+    the bytes before the id, and the bytes after it; ``oip``: in the Open Inference
+    Protocol's shape (``service/web/oip.py``)."""
+    shaped = oip_error_body(refusal) if oip else refusal.body()
+    body = orjson.dumps(shaped)
     head = (
         b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
         b"content-length: %d\r\nretry-after: %s\r\nx-request-id: "

@@ -17,10 +17,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
+
 from ..errors import ApiError
 from ..metrics import Metrics
 from ..model.engine import Outcome, Work
-from ..model.imaging import DecodedImage, ImageLimits, decode_image, inspect_image
+from ..model.imaging import (
+    DecodedImage,
+    ImageLimits,
+    decode_image,
+    image_from_pixels,
+    inspect_image,
+)
 from ..runtime.settings import Settings
 from .heatmaps import heatmap_png
 from .options import Options
@@ -29,7 +37,7 @@ from .reading import Upload
 if TYPE_CHECKING:
     from ..backend import Backend
 
-__all__ = ["INLINE_DECODE_BYTES", "ImageFacts", "Pipeline", "Scored"]
+__all__ = ["INLINE_DECODE_BYTES", "ImageFacts", "Pipeline", "Pixels", "Scored"]
 
 # Uploads up to this size are decoded on the event loop (see Pipeline._prepare).
 INLINE_DECODE_BYTES = 32 * 1024
@@ -48,6 +56,18 @@ class ImageFacts(Protocol):
     def mode(self) -> str: ...
     @property
     def sha256(self) -> str: ...
+
+
+@dataclass(frozen=True, eq=False)
+class Pixels:
+    """One image a client decoded itself: RGB, uint8, HxWx3 (the Open Inference Protocol's
+    ``pixels`` input)."""
+
+    array: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
 
 
 @dataclass(frozen=True)
@@ -86,11 +106,11 @@ class Pipeline:
 
     async def run(
         self,
-        uploads: Sequence[Upload],
+        uploads: Sequence[Upload] | Sequence[Pixels],
         options: Options,
         announced: contextlib.ExitStack | None = None,
     ) -> list[Scored]:
-        """Each upload through the model, in order.
+        """Each upload (or client-decoded image) through the model, in order.
 
         ``announced``: the request's announcement to the batcher (``Backend.arriving``), closed
         here once the images are decoded: a replica's idle model waits for announced requests.
@@ -130,16 +150,23 @@ class Pipeline:
             else:
                 self.metrics.images.labels(outcome="ok").inc()
 
-    async def _prepare(self, uploads: Sequence[Upload], options: Options) -> list[_Prepared]:
+    async def _prepare(
+        self, uploads: Sequence[Upload] | Sequence[Pixels], options: Options
+    ) -> list[_Prepared]:
         """Decode (or, for the device, inspect) each upload: its facts or error, its Work."""
         backend = self.backend
         on_device = backend.decodes_on_device and not options.heatmap
         min_side = backend.info.resize_size
         loop = asyncio.get_running_loop()
 
-        def prepare(upload: Upload) -> _Prepared:
+        def prepare(upload: Upload | Pixels) -> _Prepared:
             t0 = time.perf_counter()
             try:
+                if isinstance(upload, Pixels):
+                    image = image_from_pixels(
+                        upload.array, min_short_side=min_side, limits=self.limits
+                    )
+                    return image, Work(options.attention, image.pixels), time.perf_counter() - t0
                 if on_device:
                     header = inspect_image(upload.data, limits=self.limits)
                     if header.format == "JPEG":
@@ -150,7 +177,9 @@ class Pipeline:
             except ApiError as exc:
                 return exc, None, time.perf_counter() - t0
 
-        if len(uploads) == 1 and len(uploads[0].data) <= INLINE_DECODE_BYTES:
+        first = uploads[0]
+        size = first.nbytes if isinstance(first, Pixels) else len(first.data)
+        if len(uploads) == 1 and size <= INLINE_DECODE_BYTES:
             # A small upload decodes in well under a millisecond: cheaper here than the two
             # thread hand-offs (and GIL switches) of a trip through the pool.
             return [prepare(uploads[0])]

@@ -35,6 +35,7 @@ from ..errors import ApiError
 from ..runtime.settings import Settings
 from .admission import ENDPOINTS, RESERVED
 from .answers import AnswerBuilder, JsonResponse, error_response, header_timeout_bytes
+from .oip import Oip
 from .options import parse_options
 from .reading import read_request, request_id
 from .schemas import BatchItem, ClassifyResponse, ErrorResponse, ModelResponse, classify_request
@@ -63,13 +64,15 @@ class Front:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.worker: HttpWorker | None = None
+        self.oip = Oip(settings)
         self.app = _native_api(self, settings)
         self._answers: AnswerBuilder | None = None
         self._known: frozenset[str] | None = None
 
     def attach(self, worker: HttpWorker) -> None:
-        """Serve the classification routes from ``worker``."""
+        """Serve the classification routes (and the Open Inference Protocol) from ``worker``."""
         self.worker = worker
+        self.oip.attach(worker)
 
     # --- what the server integration asks ------------------------------------------------
     def wrap(self, app: Any) -> Any:
@@ -82,20 +85,32 @@ class Front:
             if scope["type"] != "http":
                 await app(scope, receive, send)
                 return
-            endpoint = ENDPOINTS.get(scope["path"])
-            if endpoint is None or scope["method"] != "POST" or self.worker is None or not bypass:
+            path = scope["path"]
+            endpoint = ENDPOINTS.get(path)
+            oip = path == "/v2" or path.startswith("/v2/")
+            if (
+                not bypass
+                or self.worker is None
+                or not (oip or (endpoint is not None and scope["method"] == "POST"))
+            ):
                 await app(scope, receive, _in_our_shape(scope, send))
                 return
             started = time.perf_counter()
-            response = await self.classify(Request(scope, receive), endpoint)
+            request = Request(scope, receive)
+            if oip:
+                response = await self.oip.serve(request)
+            else:
+                assert endpoint is not None
+                response = await self.classify(request, endpoint)
             await response(scope, receive, send)
             if access_log:
                 client = scope.get("client") or ("-", 0)
                 _access_log.info(
-                    "%s:%s (scheme=http,method=POST,path=%s) (status=%d,size=%d) %.3fms",
+                    "%s:%s (scheme=http,method=%s,path=%s) (status=%d,size=%d) %.3fms",
                     client[0],
                     client[1],
-                    scope["path"],
+                    scope["method"],
+                    path,
                     response.status_code,
                     len(response.body),
                     (time.perf_counter() - started) * 1e3,
@@ -234,6 +249,15 @@ def _native_api(front: Front, settings: Settings) -> FastAPI:
     )
     async def classify_batch(request: Request) -> Response:
         return await front.classify(request, "classify_batch")
+
+    @app.api_route(
+        "/v2{rest:path}",
+        methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        include_in_schema=False,
+    )
+    async def open_inference_protocol(request: Request, rest: str) -> Response:
+        # Reached with VIT_TRACING=true (else Front.wrap serves /v2 before BentoML's app).
+        return await front.oip.serve(request)
 
     @app.get("/model", response_model=ModelResponse, responses={503: {"model": ErrorResponse}})
     async def model(request: Request) -> Response:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,13 +78,18 @@ class HttpWorker:
 
     # --- requests --------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def admitted(self, endpoint: str, request_id: str) -> AsyncIterator[Envelope]:
+    async def admitted(
+        self,
+        endpoint: str,
+        request_id: str,
+        shape: Callable[[ApiError, str], Response] = error_response,
+    ) -> AsyncIterator[Envelope]:
         """One admitted request (its place reserved: ``Admission.admit``, or the gate), inside
         the envelope every front door shares: in flight (``vit_inflight_requests``; its place
         released at the end), timed (``vit_request_duration_seconds``), counted
         (``vit_requests_total``); the request deadline (504) and an unexpected error (500) end
         the block with the envelope's ``response`` in our shape. The front door sets
-        ``response`` in the block."""
+        ``response`` in the block; ``shape`` writes the envelope's errors in its protocol."""
         admission, metrics = self.admission, self.metrics
         metrics.inflight.inc()
         started = time.perf_counter()
@@ -95,13 +100,12 @@ class HttpWorker:
                 yield envelope
         except TimeoutError:
             message = f"Not answered within {self.settings.request_timeout_s} s; retry later."
-            self._failed(
-                envelope, endpoint, request_id, ApiError(504, "inference_timeout", message)
-            )
+            error = ApiError(504, "inference_timeout", message)
+            envelope.response = self._failed(endpoint, request_id, error, shape)
         except Exception:
             _logger.exception("unexpected error on %s", endpoint)
             failure = ApiError(500, "internal_error", "Unexpected server error; see the log.")
-            self._failed(envelope, endpoint, request_id, failure)
+            envelope.response = self._failed(endpoint, request_id, failure, shape)
         else:
             assert envelope.response is not None, "the front door set no response"
             admission.answered(endpoint, envelope.response.status_code)
@@ -110,9 +114,15 @@ class HttpWorker:
             metrics.inflight.dec()
             metrics.request_seconds.labels(endpoint=endpoint).observe(time.perf_counter() - started)
 
-    def _failed(self, envelope: Envelope, endpoint: str, request_id: str, error: ApiError) -> None:
+    def _failed(
+        self,
+        endpoint: str,
+        request_id: str,
+        error: ApiError,
+        shape: Callable[[ApiError, str], Response],
+    ) -> Response:
         self.admission.refused(endpoint, error)
-        envelope.response = error_response(error, request_id)
+        return shape(error, request_id)
 
     async def describe(self) -> dict[str, Any]:
         """``GET /model``: the model and this server's process layout.

@@ -453,6 +453,26 @@ def test_a_refused_request_is_refused_before_its_body_is_read(strict: Server) ->
         ]
 
 
+def test_an_open_inference_protocol_infer_is_refused_at_the_gate_in_its_shape(
+    strict: Server,
+) -> None:
+    """``POST /v2/models/{name}/infer`` goes through the same gate: refused as soon as its
+    headers arrive, in the protocol's error shape, counted under its own endpoint."""
+    body, content_type = multipart({}, [("image", "d.png", digit(2, 64, False))])
+    key = 'vit_requests_total{endpoint="oip_infer",status="503"}'
+    before = _metric(strict, key)
+    infer = _HEAD.replace(b"/classify", b"/v2/models/vit-digits/infer")
+    with _worker_full(strict, body, content_type), _connect(strict) as sock:
+        started = time.monotonic()
+        sock.sendall(infer % (b"application/json", 4_000_000))
+        status, headers, answer = _read_answer(sock)
+        waited = time.monotonic() - started
+    assert status == 503 and headers["retry-after"] == "1", answer
+    assert list(answer) == ["error"] and answer["error"].startswith("overloaded: "), answer
+    assert waited < 0.5
+    assert _metric(strict, key) - before == 1
+
+
 def test_metrics_scrapes_have_their_own_label(strict: Server) -> None:
     httpx.get(f"{strict.url}/metrics")
     text = httpx.get(f"{strict.url}/metrics").text

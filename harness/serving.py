@@ -4,6 +4,7 @@ the Bento as the image does."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import signal
@@ -130,6 +131,7 @@ class Server:
     url: str
     log: Path
     process: subprocess.Popen[bytes]
+    grpc_port: int = 0  # its Open Inference Protocol over gRPC (0: none)
 
     @property
     def port(self) -> int:
@@ -151,8 +153,11 @@ def serve(
     ready_path: str = "/readyz",
 ) -> Iterator[Server]:
     """Start ``bentoml serve service.service:VitClassifier``; yield once ``ready_path`` (by
-    default /readyz) answers 200."""
+    default /readyz) answers 200. Its gRPC port is a free one of its own (``Server.grpc_port``)
+    unless ``env`` sets ``VIT_GRPC_PORT``: servers on one host must not share the default's
+    (its workers share it with ``SO_REUSEPORT``, and so would two servers)."""
     port = port or free_port()
+    grpc_port = int(env.get("VIT_GRPC_PORT", 0)) if "VIT_GRPC_PORT" in env else free_port()
     full_env = {
         **os.environ,
         "BENTOML_DO_NOT_TRACK": "true",
@@ -161,13 +166,14 @@ def serve(
         # $BENTOML_HOME/prometheus_multiproc_dir at start, wiping any other server's metrics.
         # Pass BENTOML_HOME in env to serve a 'bento:' model from the real store.
         "BENTOML_HOME": str(log_dir / f"bentoml-home-{port}"),
+        "VIT_GRPC_PORT": str(grpc_port),
         **env,
     }
     command = [sys.executable, "-m", "bentoml", "serve", "service.service:VitClassifier",
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     with _run(command, full_env, log_dir / f"serve-{port}.log", port, ready_path,
               ready_timeout_s, "bentoml serve") as server:  # fmt: skip
-        yield server
+        yield dataclasses.replace(server, grpc_port=grpc_port)
 
 
 @contextlib.contextmanager

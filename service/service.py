@@ -150,12 +150,14 @@ def build(
         @bentoml.on_startup
         async def _start(self) -> None:
             await self.worker.start()
+            await front.open_doors()
 
         async def __is_ready__(self) -> bool:
             return await self.worker.is_ready()
 
         @bentoml.on_shutdown
         async def _shutdown(self) -> None:
+            await front.close_doors(0.0)  # already closed, unless the stop skipped the drain
             await self.worker.close()
 
     return VitModel, VitClassifier

@@ -116,6 +116,15 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         30.0, gt=0, description="Longest a client may take to send a request's body (408)."
     )
+    grpc_port: int = Field(
+        3001,
+        ge=0,
+        le=65535,
+        description=(
+            "Port of the Open Inference Protocol over gRPC, on the HTTP server's address, "
+            "shared by the HTTP workers; 0 = no gRPC."
+        ),
+    )
     max_concurrency: int = Field(
         0,
         ge=0,

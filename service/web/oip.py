@@ -63,7 +63,20 @@ from .reading import Upload, request_id
 if TYPE_CHECKING:
     from .worker import HttpWorker
 
-__all__ = ["PREFIX", "VERSION", "Oip", "infer_response", "model_metadata", "parse_infer"]
+__all__ = [
+    "PREFIX",
+    "VERSION",
+    "InferCall",
+    "Oip",
+    "infer_call",
+    "infer_response",
+    "model_metadata",
+    "output_tensor",
+    "parse_infer",
+    "served_model",
+    "server_metadata",
+    "tensor_bytes",
+]
 
 PREFIX = "/v2"
 VERSION = "1"
@@ -122,9 +135,7 @@ class Oip:
         try:
             if path in ("/v2", "/v2/"):
                 _allow(method, "GET")
-                return _json(
-                    {"name": "vit-serve", "version": _package_version(), "extensions": _EXTENSIONS}
-                )
+                return _json(server_metadata())
             if path == "/v2/health/live":
                 _allow(method, "GET")
                 return _json({"live": True})
@@ -141,7 +152,7 @@ class Oip:
             _allow(method, "GET")
             worker = self._worker()
             await worker.backend.first_contact()
-            info = self._model(worker, name, version)
+            info = served_model(worker, name, version)
             if action == "ready":
                 ready = await worker.is_ready()
                 return _json({"name": info.name, "ready": ready}, 200 if ready else 400)
@@ -152,20 +163,6 @@ class Oip:
     def _worker(self) -> HttpWorker:
         assert self.worker is not None, "no HTTP worker in this process"
         return self.worker
-
-    def _model(self, worker: HttpWorker, name: str, version: str | None) -> ModelInfo:
-        info = worker.backend.info
-        if name != info.name:
-            raise ApiError(
-                404, "unknown_model", f"No model '{name}'; this server serves '{info.name}'."
-            )
-        if version not in (None, VERSION):
-            raise ApiError(
-                404,
-                "unknown_version",
-                f"Model '{name}' has no version '{version}'; its one version is '{VERSION}'.",
-            )
-        return info
 
     # --- inference ---------------------------------------------------------------------------
     async def infer(self, request: Request, name: str, version: str | None, rid: str) -> Response:
@@ -189,7 +186,7 @@ class Oip:
         try:
             with contextlib.ExitStack() as announced:
                 announced.enter_context(worker.backend.arriving(1))
-                info = self._model(worker, name, version)
+                info = served_model(worker, name, version)
                 body = await _read_body(request, settings)
                 call = parse_infer(body, request.headers.get(HEADER_LENGTH), info, settings)
                 count = len(call.items)
@@ -205,6 +202,22 @@ class Oip:
                 ApiError(failed.status, failed.code, where + failed.message, failed.headers), rid
             )
         return infer_response(scored, call, info, rid)
+
+
+def served_model(worker: HttpWorker, name: str, version: str | None) -> ModelInfo:
+    """The served model's info, if ``name`` and ``version`` (None: any) name it; else 404."""
+    info = worker.backend.info
+    if name != info.name:
+        raise ApiError(
+            404, "unknown_model", f"No model '{name}'; this server serves '{info.name}'."
+        )
+    if version not in (None, "", VERSION):
+        raise ApiError(
+            404,
+            "unknown_version",
+            f"Model '{name}' has no version '{version}'; its one version is '{VERSION}'.",
+        )
+    return info
 
 
 def _allow(method: str, allowed: str) -> None:
@@ -228,6 +241,11 @@ def _model_path(rest: str) -> tuple[str, str | None, str]:
     if not rest:
         raise ApiError(404, "not_found", "No model name in the path.")
     return rest, version, action
+
+
+def server_metadata() -> dict[str, Any]:
+    """``GET /v2``: the server's name, version and the protocol's extensions it serves."""
+    return {"name": "vit-serve", "version": _package_version(), "extensions": _EXTENSIONS}
 
 
 @functools.lru_cache(maxsize=1)
@@ -310,6 +328,22 @@ def parse_infer(
     data, used = _tensor_data(tensor, binary)
     if used != len(binary):
         raise _bad_request(f"The body has {len(binary) - used} bytes after its tensors.")
+    return infer_call(rid, params, tensor, data, request.get("outputs"), info, settings)
+
+
+def infer_call(
+    rid: str | None,
+    params: dict[str, Any],
+    tensor: dict[str, Any],
+    data: bytes | list[Any],
+    outputs_asked: Any,
+    info: ModelInfo,
+    settings: Settings,
+) -> InferCall:
+    """One inference request, whichever transport brought it: its input ``tensor`` (name,
+    datatype, shape) with ``data`` (the binary form's bytes, or a list of elements: base64
+    text or raw bytes for ``image``, integers for ``pixels``), the request's parameters and the
+    outputs asked for (a list of ``{"name", "parameters"}``, or None for the defaults)."""
     name = tensor.get("name")
     items: list[Upload] | list[Pixels]
     if name == "image":
@@ -319,7 +353,7 @@ def parse_infer(
     else:
         raise _bad_request(f"No input tensor '{name}': send 'image' (BYTES) or 'pixels' (UINT8).")
     options, top_k = _options(params, info, settings)
-    outputs = _outputs(request.get("outputs"), params, options, top_k)
+    outputs = _outputs(outputs_asked, params, options, top_k)
     if any(o.name == "heatmap" for o in outputs) and not options.heatmap:
         options = Options(options.top_k, options.attention, True)
     return InferCall(rid, items, options, outputs)
@@ -399,6 +433,9 @@ def _images(tensor: dict[str, Any], data: Any, settings: Settings) -> list[Uploa
             )
         blobs = []
         for index, element in enumerate(elements):
+            if isinstance(element, bytes):  # gRPC's bytes_contents: the image itself
+                blobs.append(element)
+                continue
             if not isinstance(element, str):
                 raise _bad_tensor(
                     "image",
@@ -551,10 +588,10 @@ def infer_response(
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for asked in call.outputs:
-        datatype, shape, data = _output(asked, scored, info)
+        datatype, shape, data = output_tensor(asked, scored, info)
         tensor: dict[str, Any] = {"name": asked.name, "datatype": datatype, "shape": shape}
         if asked.binary:
-            blob = _binary(datatype, data)
+            blob = tensor_bytes(datatype, data)
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -571,7 +608,7 @@ def infer_response(
     return Response(b"".join([header, *blobs]), 200, headers, media_type="application/octet-stream")
 
 
-def _output(
+def output_tensor(
     asked: Requested, scored: Sequence[Scored], info: ModelInfo
 ) -> tuple[str, list[int], Any]:
     outcomes = [s.result for s in scored if not isinstance(s.result, ApiError)]
@@ -612,7 +649,7 @@ def _json_data(datatype: str, data: Any) -> list[Any]:
     return list(data.reshape(-1).tolist())
 
 
-def _binary(datatype: str, data: Any) -> bytes:
+def tensor_bytes(datatype: str, data: Any) -> bytes:
     if datatype == "BYTES":
         parts = []
         for each in data:

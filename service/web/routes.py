@@ -32,10 +32,12 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from ..errors import ApiError
+from ..runtime.server import listening_host
 from ..runtime.settings import Settings
 from .admission import ENDPOINTS, RESERVED
 from .answers import AnswerBuilder, JsonResponse, error_response, header_timeout_bytes
 from .oip import Oip
+from .oip_grpc import GrpcDoor
 from .options import parse_options
 from .reading import read_request, request_id
 from .schemas import BatchItem, ClassifyResponse, ErrorResponse, ModelResponse, classify_request
@@ -65,6 +67,7 @@ class Front:
         self.settings = settings
         self.worker: HttpWorker | None = None
         self.oip = Oip(settings)
+        self.grpc = GrpcDoor(settings)
         self.app = _native_api(self, settings)
         self._answers: AnswerBuilder | None = None
         self._known: frozenset[str] | None = None
@@ -74,7 +77,19 @@ class Front:
         self.worker = worker
         self.oip.attach(worker)
 
+    async def open_doors(self) -> None:
+        """Once the worker started: the other front doors (gRPC), where its HTTP socket
+        listens (none outside a served worker, as in-process tests run)."""
+        host = listening_host()
+        if host is not None and self.worker is not None:
+            await self.grpc.open(self.worker, host)
+
     # --- what the server integration asks ------------------------------------------------
+    async def close_doors(self, grace_s: float) -> None:
+        """The stop (``WorkerServer.shutdown``): gRPC refuses new calls and answers those in
+        flight within ``grace_s``, beside the HTTP drain."""
+        await self.grpc.close(grace_s)
+
     def wrap(self, app: Any) -> Any:
         """The ASGI app a worker serves: the classification routes straight from the worker,
         everything else through BentoML's ``app`` with 404 and 405 in our shape."""

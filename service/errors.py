@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ApiError", "load_failed", "not_ready", "overloaded"]
+__all__ = ["ApiError", "body_timeout", "load_failed", "not_ready", "overloaded"]
 
 
 class ApiError(Exception):
@@ -58,3 +58,13 @@ def load_failed(error: str) -> ApiError:
 def overloaded(message: str, retry_after_s: int = 1) -> ApiError:
     """The 503 of a full queue or a worker at its limit: retry after ``retry_after_s``."""
     return ApiError(503, "overloaded", message, {"Retry-After": str(retry_after_s)})
+
+
+def body_timeout(seconds: float) -> ApiError:
+    """The 408 of a request body that did not arrive within ``seconds``; the connection closes."""
+    return ApiError(
+        408,
+        "body_timeout",
+        f"The request body did not arrive within {seconds:g} s.",
+        {"Connection": "close"},
+    )

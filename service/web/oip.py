@@ -48,7 +48,7 @@ import orjson
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect, Request
 
-from ..errors import ApiError
+from ..errors import ApiError, body_timeout
 from ..model.engine import Outcome
 from ..model.geometry import crop_window
 from ..model.loading import ModelInfo
@@ -273,12 +273,7 @@ async def _read_body(request: Request, settings: Settings) -> bytes:
                     raise too_large
                 chunks.append(chunk)
     except TimeoutError:
-        raise ApiError(
-            408,
-            "body_timeout",
-            f"The request body did not arrive within {settings.body_timeout_s:g} s.",
-            {"Connection": "close"},
-        ) from None
+        raise body_timeout(settings.body_timeout_s) from None
     except ClientDisconnect as exc:
         raise ApiError(400, "client_disconnected", "The client went away mid-upload.") from exc
     return b"".join(chunks)

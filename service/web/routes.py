@@ -31,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from ..errors import ApiError
+from ..errors import ApiError, body_timeout
 from ..runtime.server import listening_host
 from ..runtime.settings import Settings
 from .admission import ENDPOINTS, RESERVED
@@ -191,12 +191,7 @@ class Front:
                             max_body_bytes=settings.max_body_bytes,
                         )
                 except TimeoutError:
-                    raise ApiError(
-                        408,
-                        "body_timeout",
-                        f"The request body did not arrive within {settings.body_timeout_s:g} s.",
-                        {"Connection": "close"},
-                    ) from None
+                    raise body_timeout(settings.body_timeout_s) from None
                 file_count = parsed.file_count
                 options = parse_options(
                     parsed.fields,

@@ -26,7 +26,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from harness.serving import Server, serve
-from tests.integration.test_oip import _IMAGE_ROWS, MODEL
+from tests.integration.test_oip import _IMAGE_ROWS, MODEL, classify
 from tests.integration.test_service import _digit_bytes
 
 # The gRPC status each HTTP status of the native table maps to.
@@ -51,17 +51,6 @@ def images_input(images: list[bytes]) -> triton.InferInput:
     tensor = triton.InferInput("image", [len(images)], "BYTES")
     tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
     return tensor
-
-
-def classify(server: Server, image: bytes, attention: str) -> dict[str, Any]:
-    response = httpx.post(
-        f"{server.url}/classify",
-        files={"image": ("a.png", image)},
-        data={"top_k": "10", "attention": attention},
-        timeout=60,
-    )
-    assert response.status_code == 200, response.text
-    return dict(response.json())
 
 
 def test_health_and_metadata(client: triton.InferenceServerClient, address: str) -> None:

@@ -16,6 +16,8 @@ URL ?=
 FUZZ_SECONDS ?= 600
 FUZZ_API_CASES ?= 20000
 MINUTES ?= 10
+# KServe's SDK, for its API types only (requirements-kserve.txt says why it has a venv of its own).
+KSERVE_SDK := kserve==0.21.0
 
 .DEFAULT_GOAL := help
 .PHONY: help install system serve test test-unit test-http test-integration test-e2e fuzz lint format \
@@ -33,12 +35,16 @@ help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt requirements-checkov.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt requirements-checkov.txt \
+          requirements-kserve.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-dev.txt -c constraints.txt
 	test -x $(VENV)/checkov/bin/python || $(PYTHON) -m venv $(VENV)/checkov
 	$(VENV)/checkov/bin/pip install --quiet -r requirements-checkov.txt
+	test -x $(VENV)/kserve/bin/python || $(PYTHON) -m venv $(VENV)/kserve
+	$(VENV)/kserve/bin/pip install --quiet -r requirements-kserve.txt
+	$(VENV)/kserve/bin/pip install --quiet --no-deps $(KSERVE_SDK)
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the pinned dependencies

@@ -18,6 +18,9 @@ Then, against the image:
   the quota, the process runs as a non-root user, held-out digits sent through it are
   classified at >= 95 % top-1, bad uploads get their 4xx, ``/ui/`` serves the packaged page and
   ``/metrics`` counts every image;
+- the image exposes 3000 and 3001, and the Open Inference Protocol answers over gRPC
+  (``tritonclient.grpc``: live, the model ready, digits inferred as ``/classify`` classifies
+  them);
 - a Prometheus container (Debian's package) with ``deploy/prometheus/`` config and rules scrapes
   it and reports ``vit_images_total`` equal to the images sent;
 - ``podman stop`` (SIGTERM) stops it within the grace period, exit code 0, shutdown hook run.
@@ -45,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import tritonclient.grpc as triton
 import yaml
 
 from harness.prometheus import JOB, Prometheus
@@ -67,6 +72,7 @@ CA_MOUNT = "/etc/ssl/certs:/etc/ssl/certs:ro"
 BENTO_PATH = "/home/bentoml/bento"
 MIN_ACCURACY = 0.95
 BAD_UPLOADS = 4  # junk bodies: each must come back 415 and count as a client error
+GRPC_IMAGES = 4  # digits sent in one gRPC request (and again one by one to /classify)
 
 
 @dataclass
@@ -261,6 +267,39 @@ def send_digits(report: Report, url: str, count: int) -> dict[str, int]:
     return {"ok": count, "client_error": BAD_UPLOADS}
 
 
+def check_grpc(report: Report, url: str, grpc_port: int, count: int) -> int:
+    """The image exposes both ports; ``tritonclient.grpc`` gets the same top-1 as ``/classify``
+    for ``count`` digits sent in one request. Returns the images it sent."""
+    exposed = _podman("image", "inspect", "--format", "{{json .Config.ExposedPorts}}", IMAGE)
+    report.facts["exposed_ports"] = sorted(json.loads(exposed) or {})
+    report.check(
+        "the image exposes 3000 (HTTP) and 3001 (gRPC)",
+        {"3000/tcp", "3001/tcp"} <= set(report.facts["exposed_ports"]),
+        exposed,
+    )
+    model = httpx.get(f"{url}/model", timeout=30).json()["model"]["name"]
+    uploads = [digit(index, 64, False) for index in range(count)]
+    with triton.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+        ready = client.is_server_live() and client.is_model_ready(model)
+        tensor = triton.InferInput("image", [count], "BYTES")
+        tensor.set_data_from_numpy(np.array(uploads, dtype=np.object_))
+        answer = client.infer(model, [tensor], client_timeout=60)
+    over_grpc = answer.as_numpy("probabilities").argmax(axis=1).tolist()
+    over_http = [
+        httpx.post(f"{url}/classify", files={"image": ("d.png", data)}, timeout=60).json()[
+            "predictions"
+        ][0]["index"]
+        for data in uploads
+    ]
+    report.facts["grpc_top1"] = over_grpc
+    report.check(
+        f"gRPC live, {model} ready, {count} digits classified as /classify does",
+        ready and over_grpc == over_http,
+        f"ready {ready}, gRPC {over_grpc}, HTTP {over_http}",
+    )
+    return 2 * count
+
+
 def check_service(report: Report, url: str, name: str, bento: Path, cpus: float) -> None:
     """/model's thread pools, the user, /ui/ against the packaged files, /metrics."""
     body = httpx.get(f"{url}/model", timeout=30).json()
@@ -384,11 +423,12 @@ def run(report: Report, cpus: float, images: int, grace: int, ready_timeout_s: f
         check_contents(report, bento)
         check_offline_start(report, logs, ready_timeout_s)
 
-        port, prom_port = free_port(), free_port()
+        port, prom_port, grpc_port = free_port(), free_port(), free_port()
         name, prom_name = f"vit-ct-{os.getpid()}", f"vit-ct-prometheus-{os.getpid()}"
         url = f"http://127.0.0.1:{port}"
         log = logs / "service.log"
-        run_args = ["--cpus", f"{cpus:g}", "--stop-timeout", str(grace), IMAGE,
+        run_args = ["--cpus", f"{cpus:g}", "--stop-timeout", str(grace),
+                    "--env", f"VIT_GRPC_PORT={grpc_port}", IMAGE,
                     "serve", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
         run_started = time.monotonic()
         with container(name, run_args, log) as process:
@@ -405,6 +445,7 @@ def run(report: Report, cpus: float, images: int, grace: int, ready_timeout_s: f
                 prom.wait_for_scrape_after(time.time(), timeout_s=60)
                 check_service(report, url, name, bento, cpus)
                 sent = send_digits(report, url, images)
+                sent["ok"] += check_grpc(report, url, grpc_port, GRPC_IMAGES)
                 series = parse_exposition(httpx.get(f"{url}/metrics", timeout=30).text)
                 counted = sum(v for k, v in series.items() if k.startswith("vit_images_total{"))
                 report.check(

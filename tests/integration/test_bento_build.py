@@ -107,6 +107,14 @@ def test_bento_manifest_and_requirements(bento: Path) -> None:
     # With a registry, the image builds on the normal Python image.
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, flags=re.MULTILINE), dockerfile[:500]
+    _exposes_both_ports(dockerfile)
+    assert envs["VIT_GRPC_PORT"] == "3001"
+
+
+def _exposes_both_ports(dockerfile: str) -> None:
+    """HTTP (BentoML's 3000) and the Open Inference Protocol's gRPC port."""
+    exposed = re.findall(r"^EXPOSE (\d+)$", dockerfile, flags=re.MULTILINE)
+    assert {"3000", "3001"} <= set(exposed), exposed
 
 
 def test_offline_bentofile_differs_only_in_the_base_image() -> None:
@@ -119,7 +127,8 @@ def test_offline_bentofile_differs_only_in_the_base_image() -> None:
     }
     assert "base_image" not in main["docker"]
     assert offline["docker"]["base_image"] == BASE_IMAGE
-    assert offline["docker"]["python_version"] == main["docker"]["python_version"]
+    for key in ("python_version", "dockerfile_template"):
+        assert offline["docker"][key] == main["docker"][key], key
     script = (REPO / "deploy" / "container" / "base-images.sh").read_text()
     assert f"BASE_IMAGE={BASE_IMAGE}" in script
 
@@ -128,6 +137,7 @@ def test_offline_bento_builds_from_the_local_base(tmp_path: Path) -> None:
     bento = _build(tmp_path / "home", OFFLINE_BENTOFILE)
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert re.search(rf"^FROM {re.escape(BASE_IMAGE)}\b", dockerfile, flags=re.MULTILINE)
+    _exposes_both_ports(dockerfile)
     assert (bento / "src" / "service" / "web" / "ui" / "index.html").is_file()
     assert (bento / "src" / "models" / "vit-digits" / "model.safetensors").is_file()
 

@@ -106,9 +106,9 @@ def test_compose_config_is_valid_and_hardened(tmp_path: Path) -> None:
     assert set(services) == {"vit-classifier", "prometheus", "grafana", "locust"}
 
     expected_ports = {
-        "vit-classifier": [("127.0.0.1", "3000")],
+        "vit-classifier": [("127.0.0.1", "3000"), ("127.0.0.1", "3001")],
         "prometheus": [("127.0.0.1", "9090")],
-        "grafana": [("127.0.0.1", "3001")],
+        "grafana": [("127.0.0.1", "3002")],
         "locust": [],
     }
     for name, service in services.items():

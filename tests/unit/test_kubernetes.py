@@ -178,6 +178,18 @@ def test_the_base_probes_drains_and_runs_unprivileged() -> None:
     assert rolling["maxUnavailable"] == 0
 
 
+def test_the_base_serves_the_open_inference_protocol_over_grpc_too() -> None:
+    """The container's gRPC port is the service's default ``VIT_GRPC_PORT``, and the Service
+    routes it as HTTP/2 cleartext."""
+    objects = render("base")
+    ports = {p["name"]: p["containerPort"] for p in _container(objects)["ports"]}
+    assert ports == {"http": 3000, "grpc": Settings().grpc_port}
+    assert "VIT_GRPC_PORT" not in _config(objects)  # the image's default
+    service = {p["name"]: p for p in _by_kind(objects, "Service")["spec"]["ports"]}
+    assert service["grpc"]["targetPort"] == "grpc"
+    assert service["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+
+
 def test_the_gpu_overlay_splits_and_asks_for_a_gpu() -> None:
     objects = render("overlays/gpu")
     container = _container(objects)

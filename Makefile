@@ -15,6 +15,7 @@ SHAPE ?= steady
 URL ?=
 FUZZ_SECONDS ?= 600
 FUZZ_API_CASES ?= 20000
+FUZZ_GRPC_CASES ?= 20000
 MINUTES ?= 10
 # KServe's SDK, for its API types only (requirements-kserve.txt says why it has a venv of its own).
 KSERVE_SDK := kserve==0.21.0
@@ -80,9 +81,10 @@ test-e2e: system $(STAMP) ## The web page in headless Chromium
 test-integration: system $(STAMP) ## Tests against a real bentoml serve, Prometheus, locust
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-fuzz: $(STAMP) ## Long fuzzing, not in make test: decoder + multipart reader for FUZZ_SECONDS (600), the API for FUZZ_API_CASES (20000)
+fuzz: $(STAMP) ## Long fuzzing, not in make test: decoder + multipart reader for FUZZ_SECONDS (600), the HTTP API for FUZZ_API_CASES (20000), gRPC for FUZZ_GRPC_CASES (20000)
 	FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m pytest -s tests/unit/test_decoder_fuzz.py $(PYTEST_ARGS)
 	FUZZ_API_CASES=$(FUZZ_API_CASES) $(PY) -m pytest -s tests/integration/test_fuzz_api.py $(PYTEST_ARGS)
+	FUZZ_GRPC_CASES=$(FUZZ_GRPC_CASES) $(PY) -m pytest -s tests/integration/test_fuzz_grpc.py $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint + format check, mypy on service/
 	$(VENV)/bin/ruff check .

@@ -49,7 +49,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -106,8 +105,9 @@ class Front(Protocol):
     def header_timeout(self, seconds: float) -> bytes:
         """Count a connection closed for slow headers; the 408's bytes."""
 
-    def known_paths(self) -> Collection[str]:
-        """Paths that get their own traffic label."""
+    def path_label(self, path: str) -> str | None:
+        """The traffic label of ``path``: itself, its route's template (a bounded set), or
+        None for a path no route serves."""
 
     async def close_doors(self, grace_s: float) -> None:
         """The stop: close the front doors that are not HTTP (gRPC), answering what they
@@ -574,9 +574,11 @@ def _bounded_traffic_metrics(base: Any) -> Any:
             if scope["type"] == "http" and scope["path"] == "/metrics":
                 await self._count_scrape(scope, receive, send)
                 return
-            known = _INSTALLED[0].front.known_paths() if _INSTALLED else ()
-            if scope["type"].startswith("http") and scope["path"] not in known:
-                scope = {**scope, "path": UNMATCHED_PATH, _ORIGINAL_PATH: scope["path"]}
+            if scope["type"].startswith("http"):
+                path = scope["path"]
+                label = _INSTALLED[0].front.path_label(path) if _INSTALLED else None
+                if label != path:
+                    scope = {**scope, "path": label or UNMATCHED_PATH, _ORIGINAL_PATH: path}
             await super().__call__(scope, receive, send)
 
         async def _count_scrape(self, scope: Any, receive: Any, send: Any) -> None:

@@ -71,6 +71,7 @@ __all__ = [
     "infer_call",
     "infer_response",
     "model_metadata",
+    "oip_route",
     "output_tensor",
     "parse_infer",
     "served_model",
@@ -227,6 +228,25 @@ def _allow(method: str, allowed: str) -> None:
         )
 
 
+def oip_route(path: str) -> str | None:
+    """The template of the protocol's route that serves ``path`` (as ``/docs.json`` writes
+    it), or None where none does: one metrics label per route, whatever model is named."""
+    if path in ("/v2", "/v2/"):
+        return "/v2"
+    if path in ("/v2/health/live", "/v2/health/ready"):
+        return path
+    if not path.startswith("/v2/models/"):
+        return None
+    try:
+        _name, version, action = _model_path(path[len("/v2/models/") :])
+    except ApiError:
+        return None
+    route = "/v2/models/{model_name}"
+    if version is not None:
+        route += "/versions/{model_version}"
+    return route if action == "metadata" else f"{route}/{action}"
+
+
 def _model_path(rest: str) -> tuple[str, str | None, str]:
     """``{name}[/versions/{v}][/ready|/infer]`` -> (name, version or None, action)."""
     action = "metadata"
@@ -349,8 +369,12 @@ def infer_call(
         raise _bad_request(f"No input tensor '{name}': send 'image' (BYTES) or 'pixels' (UINT8).")
     options, top_k = _options(params, info, settings)
     outputs = _outputs(outputs_asked, params, options, top_k)
-    if any(o.name == "heatmap" for o in outputs) and not options.heatmap:
+    names = {o.name for o in outputs}
+    if "heatmap" in names and not options.heatmap:
         options = Options(options.top_k, options.attention, True)
+    elif not names & {"attention", "heatmap"} and options.attention != "none":
+        # Outputs named without the attention: the model pass skips capturing it.
+        options = Options(options.top_k, "none", False)
     return InferCall(rid, items, options, outputs)
 
 

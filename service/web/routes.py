@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +35,25 @@ from ..runtime.server import listening_host
 from ..runtime.settings import Settings
 from .admission import ENDPOINTS, RESERVED
 from .answers import AnswerBuilder, JsonResponse, error_response, header_timeout_bytes
-from .oip import Oip
+from .oip import Oip, oip_route
 from .oip_grpc import GrpcDoor
 from .options import parse_options
 from .reading import read_request, request_id
-from .schemas import BatchItem, ClassifyResponse, ErrorResponse, ModelResponse, classify_request
+from .schemas import (
+    BatchItem,
+    ClassifyResponse,
+    ErrorResponse,
+    ModelResponse,
+    OipError,
+    OipInferResponse,
+    OipLive,
+    OipModelMetadata,
+    OipModelReady,
+    OipReady,
+    OipServerMetadata,
+    classify_request,
+    oip_infer_request,
+)
 from .worker import HttpWorker
 
 __all__ = ["UI_DIR", "Front"]
@@ -147,11 +160,14 @@ class Front:
             self.worker.admission.refused("(headers)", error)
         return header_timeout_bytes(seconds)
 
-    def known_paths(self) -> Collection[str]:
-        """Paths that get their own traffic-metric label: our routes and BentoML's pages."""
+    def path_label(self, path: str) -> str | None:
+        """The traffic-metric label of ``path``: our routes and BentoML's pages are their own,
+        a protocol route (``/v2/...``) its template; None for anything else."""
         if self._known is None:
             self._known = frozenset(self.app.openapi()["paths"]) | {"/ui", "/ui/", *_BENTO_PATHS}
-        return self._known
+        if path in self._known:
+            return path
+        return oip_route(path)
 
     # --- the classification routes -------------------------------------------------------
     async def classify(self, request: Request, endpoint: str) -> Response:
@@ -260,6 +276,8 @@ def _native_api(front: Front, settings: Settings) -> FastAPI:
     async def classify_batch(request: Request) -> Response:
         return await front.classify(request, "classify_batch")
 
+    _protocol_routes(app, front, settings)
+
     @app.api_route(
         "/v2{rest:path}",
         methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
@@ -274,6 +292,86 @@ def _native_api(front: Front, settings: Settings) -> FastAPI:
         return await front.model(request)
 
     return app
+
+
+def _protocol_routes(app: FastAPI, front: Front, settings: Settings) -> None:
+    """The Open Inference Protocol's routes, for ``/docs.json`` and for the traced app: without
+    tracing, ``Front.wrap`` serves ``/v2`` before BentoML's app is reached."""
+
+    async def server(request: Request) -> Response:
+        return await front.oip.serve(request)
+
+    async def model(request: Request, model_name: str) -> Response:
+        return await front.oip.serve(request)
+
+    async def version(request: Request, model_name: str, model_version: str) -> Response:
+        return await front.oip.serve(request)
+
+    Responses = dict[int | str, dict[str, Any]]
+    errors: Responses = {404: {"model": OipError}, 405: {"model": OipError}}
+    ready_errors: Responses = {**errors, 400: {"model": OipReady, "description": "Not ready."}}
+    app.add_api_route(
+        "/v2",
+        server,
+        methods=["GET"],
+        response_model=OipServerMetadata,
+        responses=errors,
+        summary="Open Inference Protocol: server metadata.",
+    )
+    app.add_api_route(
+        "/v2/health/live",
+        server,
+        methods=["GET"],
+        response_model=OipLive,
+        responses=errors,
+        summary="Open Inference Protocol: live.",
+    )
+    app.add_api_route(
+        "/v2/health/ready",
+        server,
+        methods=["GET"],
+        response_model=OipReady,
+        responses=ready_errors,
+        summary="Open Inference Protocol: ready (400 if not).",
+    )
+    infer_errors: Responses = {
+        status: {"model": OipError} for status in (400, 404, 405, 408, 413, 415, 422, 503, 504)
+    }
+    infer_errors[200] = {
+        "description": "JSON, or with binary outputs the JSON followed by the tensors' bytes "
+        "(Inference-Header-Content-Length: the JSON's length).",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+    for prefix, handler in (
+        ("/v2/models/{model_name}", model),
+        ("/v2/models/{model_name}/versions/{model_version}", version),
+    ):
+        app.add_api_route(
+            prefix,
+            handler,
+            methods=["GET"],
+            response_model=OipModelMetadata,
+            responses={**errors, 503: {"model": OipError}},
+            summary="Open Inference Protocol: the model's tensors and parameters.",
+        )
+        app.add_api_route(
+            f"{prefix}/ready",
+            handler,
+            methods=["GET"],
+            response_model=OipModelReady,
+            responses={**errors, 400: {"model": OipModelReady}},
+            summary="Open Inference Protocol: the model is ready (400 if not).",
+        )
+        app.add_api_route(
+            f"{prefix}/infer",
+            handler,
+            methods=["POST"],
+            response_model=OipInferResponse,
+            responses=infer_errors,
+            summary="Open Inference Protocol: classify images (tensor 'image' or "
+            "'pixels'); probabilities, attention, crop boxes, heatmaps.",
+            openapi_extra=oip_infer_request(settings.max_images_per_request),
+        )
 
 
 def _in_our_shape(scope: Any, send: Any) -> Any:

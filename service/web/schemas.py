@@ -16,7 +16,15 @@ __all__ = [
     "ErrorBody",
     "ErrorResponse",
     "ModelResponse",
+    "OipError",
+    "OipInferResponse",
+    "OipLive",
+    "OipModelMetadata",
+    "OipModelReady",
+    "OipReady",
+    "OipServerMetadata",
     "classify_request",
+    "oip_infer_request",
 ]
 
 
@@ -174,3 +182,115 @@ def classify_request(file_field: str, max_images: int) -> dict[str, Any]:
              "schema": {"type": "string", "enum": [*spellings, ""]}},
         ],
     }  # fmt: skip
+
+
+# --- the Open Inference Protocol (``/v2``), as ``service/web/oip.py`` answers it -----------------
+class OipError(BaseModel):
+    error: str = Field(description="'<code>: <message>', the code from the error table.")
+
+
+class OipServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class OipLive(BaseModel):
+    live: bool
+
+
+class OipReady(BaseModel):
+    ready: bool
+
+
+class OipModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class OipTensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for a dimension of any size.")
+
+
+class OipModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[OipTensorMetadata]
+    outputs: list[OipTensorMetadata]
+    parameters: dict[str, Any] = Field(
+        description="The patch arithmetic (input_size, patch_size, grid, num_patches, ...), "
+        "the labels and the checkpoint's source."
+    )
+
+
+class OipOutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any] | None = Field(None, description="Row-major; absent when sent as binary.")
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_size: its bytes after the JSON (the binary extension)."
+    )
+
+
+class OipInferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[OipOutputTensor]
+
+
+def oip_infer_request(max_images: int) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of ``POST .../infer`` (the handler reads the raw request):
+    one input tensor, ``image`` (encoded images, base64 in JSON) or ``pixels``; the request's
+    parameters; the outputs asked for. The binary extension (tensors after the JSON, its length
+    in ``Inference-Header-Content-Length``) is not described here."""
+    spellings = ["true", "false", "1", "0", "yes", "no", "on", "off", "True", "False", ""]
+    tensor = {
+        "type": "object",
+        "required": ["name", "datatype", "shape", "data"],
+        "properties": {
+            "name": {"type": "string", "enum": ["image", "pixels"]},
+            "datatype": {"type": "string", "enum": ["BYTES", "UINT8"]},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1,
+                      "maxItems": 4},
+            "parameters": {"type": "object"},
+            "data": {"type": "array", "minItems": 1, "maxItems": max_images,
+                     "items": {"type": "string", "format": "byte"}},
+        },
+    }  # fmt: skip
+    output = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string",
+                     "enum": ["probabilities", "attention", "crop_box", "heatmap"]},
+            "parameters": {"type": "object", "properties": {
+                "binary_data": {"type": "boolean"},
+                "classification": {"type": "integer", "minimum": 0},
+            }},
+        },
+    }  # fmt: skip
+    parameters = {
+        "type": "object",
+        "properties": {
+            "top_k": {"type": "integer", "minimum": 1},
+            "attention": {"type": "string", "enum": ["none", "cls", "rollout", ""]},
+            "heatmap": {"anyOf": [{"type": "boolean"}, {"type": "string", "enum": spellings}]},
+            "binary_data_output": {"type": "boolean"},
+        },
+    }
+    body = {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": parameters,
+            "inputs": {"type": "array", "items": tensor, "minItems": 1, "maxItems": 1},
+            "outputs": {"type": "array", "items": output, "minItems": 1},
+        },
+    }
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": body}}}}

@@ -9,6 +9,7 @@ import base64
 import io
 import math
 import struct
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +19,18 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from tests.http.conftest import LIMITS, REQUEST_ID, TINY_LABELS, InProcessApp, png
+from service.model.loading import load_model
+from service.web.oip import parse_infer
+from service.web.options import Options
+from service.web.schemas import OipError, OipInferResponse, OipModelMetadata, OipServerMetadata
+from tests.http.conftest import (
+    LIMITS,
+    REQUEST_ID,
+    TINY_LABELS,
+    InProcessApp,
+    png,
+    settings_for,
+)
 
 GRID = [4, 4]
 
@@ -51,6 +63,7 @@ def assert_oip_error(response: httpx.Response, status: int, code: str, *fragment
     assert response.headers["content-type"] == "application/json"
     assert REQUEST_ID.match(response.headers["x-request-id"])
     body = response.json()
+    OipError.model_validate(body)
     assert list(body) == ["error"] and isinstance(body["error"], str), body
     assert body["error"].startswith(f"{code}: "), body
     for fragment in fragments:
@@ -63,7 +76,7 @@ def outputs_by_name(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 # --- routes ------------------------------------------------------------------------------------
 def test_server_metadata_liveness_and_readiness(client: TestClient) -> None:
-    meta = client.get("/v2").json()
+    meta = OipServerMetadata.model_validate(client.get("/v2").json()).model_dump()
     assert meta["name"] == "vit-serve" and meta["version"]
     assert set(meta["extensions"]) >= {"classification", "binary_tensor_data"}
     assert client.get("/v2/health/live").json() == {"live": True}
@@ -76,6 +89,7 @@ def test_model_metadata_names_the_tensors_and_the_patch_arithmetic(
 ) -> None:
     for path in (f"/v2/models/{name}", f"/v2/models/{name}/versions/1"):
         meta = client.get(path).json()
+        OipModelMetadata.model_validate(meta)
         assert meta["name"] == name and meta["versions"] == ["1"]
         assert {(t["name"], t["datatype"], tuple(t["shape"])) for t in meta["inputs"]} == {
             ("image", "BYTES", (-1,)),
@@ -355,3 +369,42 @@ def test_infer_is_counted_under_its_own_endpoint(
     assert infer(client, name, {"inputs": []}).status_code == 400
     assert app.metric("vit_requests_total", endpoint="oip_infer", status="200") == before_ok + 1
     assert app.metric("vit_requests_total", endpoint="oip_infer", status="400") == before_bad + 1
+
+
+def test_attention_is_computed_only_for_an_output_that_needs_it(tiny_dir: Path) -> None:
+    """Outputs named without ``attention`` or ``heatmap``: the model pass skips the attention
+    (whatever the default or the ``attention`` parameter); named, or left out, it is computed."""
+    info = load_model(f"local-dir:{tiny_dir}", device="cpu", dtype="float32").info
+    settings = settings_for(tiny_dir)
+    assert settings.default_attention != "none"
+
+    def options(outputs: list[str] | None, **params: Any) -> Options:
+        request: dict[str, Any] = {"inputs": [image_input(png())], "parameters": params}
+        if outputs is not None:
+            request["outputs"] = [{"name": n} for n in outputs]
+        return parse_infer(orjson.dumps(request), None, info, settings).options
+
+    assert options(["probabilities"]).attention == "none"
+    assert options(["probabilities", "crop_box"], attention="rollout").attention == "none"
+    assert not options(["probabilities"], heatmap=True).heatmap
+    assert options(["attention"]).attention == settings.default_attention
+    assert options(["heatmap"], attention="cls") == Options(LIMITS["default_top_k"], "cls", True)
+    assert options(None).attention == settings.default_attention
+
+
+def test_the_openapi_document_lists_the_protocols_routes(client: TestClient, name: str) -> None:
+    """``/docs.json`` documents each route (what schemathesis generates from:
+    ``tests/integration/test_fuzz_api.py``), and a real answer fits its documented model."""
+    paths = client.get("/docs.json").json()["paths"]
+    for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"):
+        assert {"get"} == set(paths[prefix]) == set(paths[f"{prefix}/ready"])
+        operation = paths[f"{prefix}/infer"]["post"]
+        body = operation["requestBody"]["content"]["application/json"]["schema"]
+        assert body["required"] == ["inputs"]
+        assert body["properties"]["inputs"]["items"]["properties"]["name"]["enum"] == [
+            "image",
+            "pixels",
+        ]
+    assert {"/v2", "/v2/health/live", "/v2/health/ready"} <= set(paths)
+    answer = infer(client, name, {"inputs": [image_input(png())]})
+    OipInferResponse.model_validate(answer.json())

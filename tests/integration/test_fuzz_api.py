@@ -1,8 +1,11 @@
 """Schemathesis over the whole HTTP surface, from the OpenAPI document a real server publishes.
 
 The document comes from the running ``bentoml serve`` (``/docs.json``): BentoML's probes and
-``/metrics``, and our ``/classify``, ``/classify_batch`` and ``/model`` with their documented
-answers. Our two POST routes read the raw request; the service documents their request by hand
+``/metrics``, our ``/classify``, ``/classify_batch`` and ``/model`` with their documented
+answers, and the Open Inference Protocol's ``/v2`` routes (``service/web/routes.py``
+``_protocol_routes``; the inference request as ``service/web/schemas.py`` ``oip_infer_request``
+describes it). Three in four of a protocol case's paths name the served model; a positive
+inference case carries our uploads as its ``image`` tensor three times in four. Our two POST routes read the raw request; the service documents their request by hand
 (``service/schemas.py`` ``classify_request``: multipart field ``image`` / ``images`` or a raw
 body, and the ``top_k``, ``attention`` and ``heatmap`` options as ``service/options.py`` reads
 them, an empty value meaning the default), and the test checks that it does.
@@ -14,7 +17,9 @@ or random bytes. Negative cases are schemathesis's invalid options and bodies. E
 
 - be no 5xx other than the designed ones: 503 ``overloaded`` / ``not_ready`` with Retry-After,
   and 504 (the request timeout);
-- from our routes, when 4xx/5xx, be JSON of exactly ``{"error": {"code": str, "message": str}}``;
+- from our routes, when 4xx/5xx, be JSON of exactly ``{"error": {"code": str, "message": str}}``
+  (from a protocol route ``{"error": "<code>: <message>"}``; an inference answer has one row per
+  image in every output);
   a ``/classify_batch`` answer's per-image error slot is ``{"index", "filename", "error",
   "status"}`` with the same ``error`` shape, one slot per uploaded image, in order;
 - conform to the documented response schema, content type and headers (schemathesis's checks),
@@ -30,11 +35,12 @@ Methods the document does not list get our 405 shape too (``test_undocumented_me
 
 ``FUZZ_API_CASES`` (default 1,000) is the number of generated cases, shared by the operations
 that take input; each operation without input (a probe, ``GET /model``) has exactly one case and
-counts too. Derandomized: every run sends the same requests. Run with ``-s`` for the counts.
+counts too, and each protocol route that names a model in its path ``OIP_NAMED_CASES``. Derandomized: every run sends the same requests. Run with ``-s`` for the counts.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import os
 import time
@@ -63,6 +69,14 @@ CASES = int(os.environ.get("FUZZ_API_CASES", "1000"))
 NEGATIVE_SHARE = 0.4
 
 OUR_ROUTES = frozenset({"/classify", "/classify_batch", "/model"})
+# The Open Inference Protocol's routes: errors are {"error": "<code>: <message>"}.
+OIP_MODEL = "/v2/models/{model_name}"
+OIP_VERSION = f"{OIP_MODEL}/versions/{{model_version}}"
+OIP_INFER = frozenset({f"{OIP_MODEL}/infer", f"{OIP_VERSION}/infer"})
+OIP_ROUTES = frozenset({"/v2", "/v2/health/live", "/v2/health/ready", OIP_MODEL, OIP_VERSION,
+                        f"{OIP_MODEL}/ready", f"{OIP_VERSION}/ready", *OIP_INFER})  # fmt: skip
+# Cases for each protocol route that names a model (three in four name the served one).
+OIP_NAMED_CASES = 12
 PROBES = frozenset({"/healthz", "/livez", "/readyz"})
 FILE_FIELDS = {"/classify": "image", "/classify_batch": "images"}
 DESIGNED_503 = frozenset({"overloaded", "not_ready"})
@@ -91,8 +105,30 @@ def documented(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _name_the_model(case: Any, name: str) -> None:
+    """A protocol case's path names the served model (and its one version)."""
+    if case.path_parameters:
+        case.path_parameters = {**case.path_parameters, "model_name": name}
+        if "model_version" in case.path_parameters:
+            case.path_parameters["model_version"] = "1"
+
+
+def _with_images(case: Any, images: list[bytes]) -> int | None:
+    """Put our uploads into a positive inference case's ``image`` tensor (base64, as JSON
+    carries BYTES); the number of images it now carries."""
+    body = case.body
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
+        return None
+    data = [base64.b64encode(image).decode("ascii") for image in images]
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [len(images)], "data": data}
+    case.body = {**body, "inputs": [tensor]}
+    return len(images)
+
+
 def _with_uploads(case: Any, path: str, images: Any) -> int | None:
     """Put our uploads into a positive case's body; the number of images it now carries."""
+    if path in OIP_INFER:
+        return _with_images(case, images)
     file_field = FILE_FIELDS.get(path)
     if file_field is None or case.body is None:
         return None
@@ -143,10 +179,33 @@ def _header(response: schemathesis.Response, name: str) -> str | None:
     return values[0] if values else None
 
 
+def check_oip(path: str, response: schemathesis.Response, images: int | None) -> str:
+    """A protocol route's answer: an error is ``{"error": "<code>: <message>"}`` with a designed
+    status; an inference answer has one row per image in every output."""
+    status = response.status_code
+    ctype = _header(response, "content-type") or ""
+    if status >= 400:
+        assert ctype.startswith("application/json"), (status, ctype)
+        body = response.json()
+        assert isinstance(body, dict) and set(body) == {"error"}, body
+        assert isinstance(body["error"], str), body
+        code, colon, message = body["error"].partition(": ")
+        assert colon and code and message and " " not in code, body
+        _status_is_designed(status, code, _header(response, "retry-after"))
+        return f"{status} {code}"
+    assert status == 200, status
+    if path in OIP_INFER and images is not None and ctype.startswith("application/json"):
+        outputs = response.json()["outputs"]
+        assert outputs and all(o["shape"][0] == images for o in outputs), (images, outputs)
+    return "200"
+
+
 def check(path: str, response: schemathesis.Response, images: int | None) -> str:
     """Our own checks on one answer; its outcome label."""
     status = response.status_code
     ctype = _header(response, "content-type") or ""
+    if path in OIP_ROUTES:
+        return check_oip(path, response, images)
     if path in PROBES:
         assert status == 200 and ctype.startswith("text/plain"), (status, ctype)
         return "200"
@@ -237,8 +296,8 @@ def fuzz_api(url: str, cases: int) -> Run:
         assert isinstance(result, Ok), result.err()
         operations.append(result.ok())
     paths = {operation.path for operation in operations}
-    assert paths >= OUR_ROUTES | PROBES | {"/metrics"}, paths
-    with_input = [op for op in operations if op.path in FILE_FIELDS]
+    assert paths >= OUR_ROUTES | PROBES | {"/metrics"} | OIP_ROUTES, paths
+    with_input = [op for op in operations if op.path in FILE_FIELDS or op.path in OIP_INFER]
     share = -(-cases // len(with_input))
     max_images = int(model["batching"]["max_images_per_request"])
     run = Run()
@@ -267,6 +326,12 @@ def fuzz_api(url: str, cases: int) -> Run:
         )
         def test(case: Any, images: list[bytes], ours: int) -> None:
             # Three positive cases in four carry our uploads; negative ones keep their own.
+            # A protocol case names the served model, but for one positive case in four (not
+            # those without uploads: those are the ones Hypothesis makes most).
+            if operation.path in OIP_ROUTES and (negative or ours != 3):
+                _name_the_model(case, model["model"]["name"])
+            if operation.path in OIP_INFER and ours == 1:
+                images = images[:1]  # a request fails whole on one bad image: more pass this way
             count = None if negative or ours == 0 else _with_uploads(case, operation.path, images)
             response = case.call(base_url=url, session=session, timeout=60)
             run.cases[label] += 1
@@ -283,6 +348,8 @@ def fuzz_api(url: str, cases: int) -> Run:
             negative = round(share * NEGATIVE_SHARE)
             one(operation, GenerationMode.POSITIVE, share - negative)
             one(operation, GenerationMode.NEGATIVE, negative)
+        elif operation.path_parameters:
+            one(operation, GenerationMode.POSITIVE, OIP_NAMED_CASES)
         else:
             one(operation, GenerationMode.POSITIVE, 1)
     return run

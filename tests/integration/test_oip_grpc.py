@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from harness.serving import Server, serve
+from harness.serving import Server, scrape, serve
 from tests.integration.test_oip import _IMAGE_ROWS, MODEL, classify
 from tests.integration.test_service import _digit_bytes
 
@@ -148,6 +148,33 @@ def test_an_unknown_model_and_a_bad_option(client: triton.InferenceServerClient)
         client.infer(MODEL, [images_input([image])], parameters={"top_k": 0})
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert str(info.value.message()).startswith("invalid_top_k: ")
+
+
+def _counted(server: Server) -> dict[str, float]:
+    series = scrape(server.url)
+    endpoint = 'endpoint="oip_grpc_infer"'
+    return {
+        "ok": series.get(f'vit_requests_total{{{endpoint},status="200"}}', 0.0),
+        "bad": series.get(f'vit_requests_total{{{endpoint},status="415"}}', 0.0),
+        "images": sum(v for k, v in series.items() if k.startswith("vit_images_total{")),
+    }
+
+
+def test_metrics_count_every_call_and_image(
+    client: triton.InferenceServerClient, server: Server
+) -> None:
+    """gRPC calls land in the same ``vit_*`` series as HTTP, under their own endpoint, exactly:
+    two answered calls (1 + 3 images) and one refused (415), on either worker."""
+    before = _counted(server)
+    images = [_digit_bytes(i, 32, False, "PNG") for i in range(4)]
+    client.infer(MODEL, [images_input(images[:1])])
+    client.infer(MODEL, [images_input(images[1:])])
+    with pytest.raises(InferenceServerException):
+        client.infer(MODEL, [images_input([b"not an image"])])
+    after = _counted(server)
+    assert after["ok"] - before["ok"] == 2, (before, after)
+    assert after["bad"] - before["bad"] == 1, (before, after)
+    assert after["images"] - before["images"] == 5, (before, after)  # 4 answered + 1 refused
 
 
 def test_a_client_deadline_is_honoured(client: triton.InferenceServerClient) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -276,7 +275,15 @@ def test_the_gate_is_off_while_tracing_and_before_the_worker_exists(served: Any)
     assert Front(Settings()).gate(b"POST", b"/classify", {"headers": []}) is None
 
 
-def test_the_front_door_knows_the_api_and_bentomls_pages(tmp_path: Path) -> None:
-    known = Front(Settings()).known_paths()
-    assert {"/classify", "/classify_batch", "/model", "/readyz", "/metrics", "/ui/"} <= set(known)
-    assert "/nope" not in known
+def test_the_front_door_labels_the_api_bentomls_pages_and_the_protocols_routes() -> None:
+    label = Front(Settings()).path_label
+    for path in ("/classify", "/classify_batch", "/model", "/readyz", "/metrics", "/ui/", "/v2"):
+        assert label(path) == path
+    assert label("/nope") is None and label("/v2/nope") is None and label("/v2/models/") is None
+    # One label per protocol route, whatever the model's name or version.
+    assert label("/v2/models/vit-digits") == label("/v2/models/x") == "/v2/models/{model_name}"
+    assert label("/v2/models/x/versions/7/infer") == (
+        "/v2/models/{model_name}/versions/{model_version}/infer"
+    )
+    assert label("/v2/models/x/ready") == "/v2/models/{model_name}/ready"
+    assert label("/v2/health/ready") == "/v2/health/ready"

@@ -52,11 +52,13 @@ def test_unknown_paths_get_one_label_and_keep_their_route() -> None:
 
         await middleware({"type": "http", "path": path, "method": "GET"}, receive, send)
 
-    for path in ("/classify", "/nope/1", "/nope/2"):
+    paths = ("/classify", "/nope/1", "/nope/2", "/v2/models/a/infer", "/v2/models/b/infer")
+    for path in paths:
         asyncio.run(call(path))
-    # in-progress and total both label each request
-    assert set(labels) == {"/classify", UNMATCHED_PATH}
-    assert labels.count(UNMATCHED_PATH) == 2 * labels.count("/classify")
-    assert seen_by_app == ["/classify", "/nope/1", "/nope/2"]  # routing sees the real path
+    # in-progress and total both label each request; a protocol route by its template
+    infer = "/v2/models/{model_name}/infer"
+    assert set(labels) == {"/classify", UNMATCHED_PATH, infer}
+    assert labels.count(UNMATCHED_PATH) == labels.count(infer) == 2 * labels.count("/classify")
+    assert seen_by_app == list(paths)  # routing sees the real path
     install(service.SETTINGS, service.FRONT)  # a second install replaces nothing more
     assert instruments.RunnerTrafficMetricsMiddleware is middleware_class

@@ -22,15 +22,16 @@ KSERVE_SDK := kserve==0.21.0
 
 .DEFAULT_GOAL := help
 .PHONY: help install system serve test test-unit test-http test-integration test-e2e fuzz lint format \
-        train import-model bench overload storm loadtest soak rehearsal container-test clean \
+        train import-model bench bench-oip triton-env overload storm loadtest soak rehearsal container-test clean \
         evaluate depth-study
 
 # What the tests use beyond pip, from Debian: a real Prometheus (and promtool), compose
 # validation, headless Chromium + ChromeDriver for the page, podman + runc + mmdebstrap to build
 # and run the image, kubectl (kustomize) to render deploy/kubernetes, HAProxy for the cluster
-# rehearsal, and wrk for the benchmarks.
+# rehearsal, wrk and h2load (nghttp2-client) for the benchmarks, and Debian's python3.11 venv for the
+# benchmark's Triton peer.
 SYSTEM_PACKAGES := prometheus docker-compose chromium chromium-driver podman runc mmdebstrap \
-                   kubectl haproxy wrk
+                   kubectl haproxy wrk nghttp2-client python3.11-venv
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -111,8 +112,21 @@ loadtest: $(STAMP) ## Headless locust run (USERS, DURATION s, MAX_P95_MS, SHAPE=
 	$(PY) -m loadtests.loadtest --users $(USERS) --duration $(DURATION) --max-p95-ms $(MAX_P95_MS) \
 		--shape $(SHAPE) $(if $(URL),--host $(URL))
 
-bench: $(STAMP) ## Offline vs served, and ours vs a hand-written peer -> results/bench-cpu.{json,md} (needs wrk)
+bench: $(STAMP) triton-env ## Offline vs served, ours vs a hand-written peer, ours vs Triton on the protocol -> results/bench-{cpu,oip}.{json,md}
 	$(PY) -m loadtests.bench cpu
+	$(PY) -m loadtests.oip_bench
+
+bench-oip: $(STAMP) triton-env ## Ours beside Triton (PyTriton and tritonserver) on the Open Inference Protocol -> results/bench-oip.{json,md}
+	$(PY) -m loadtests.oip_bench
+
+# Triton's venv (requirements-triton.txt says why Debian's python3.11), the project's venv behind it.
+TRITON_PYTHON := /usr/bin/python3.11
+triton-env: $(STAMP) ## .venv/triton: the nvidia-pytriton wheel (tritonserver) for the benchmark's Triton peer
+	@test -x $(TRITON_PYTHON) || { echo "$(TRITON_PYTHON) (Debian's python3.11) is needed"; exit 1; }
+	test -x $(VENV)/triton/bin/python || $(TRITON_PYTHON) -m venv $(VENV)/triton
+	$(VENV)/triton/bin/pip install --quiet -r requirements-triton.txt
+	printf '%s\n%s\n' "$$(cd $(VENV) && pwd)/lib/python3.11/site-packages" "$(CURDIR)" \
+		> $(VENV)/triton/lib/python3.11/site-packages/zz_vit_serve.pth
 
 overload: $(STAMP) ## Goodput at 2x and 5x capacity beside the peer, sharing cores then pinned apart -> results/overload{,-pinned}.{json,md}
 	$(PY) -m loadtests.overload --rounds 3

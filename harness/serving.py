@@ -30,6 +30,7 @@ __all__ = [
     "serve",
     "serve_model",
     "serve_peer",
+    "serve_triton",
     "server_cpu",
     "wait_ready",
 ]
@@ -132,6 +133,7 @@ class Server:
     log: Path
     process: subprocess.Popen[bytes]
     grpc_port: int = 0  # its Open Inference Protocol over gRPC (0: none)
+    metrics_port: int = 0  # Triton's metrics (0: /metrics on the HTTP port, or none)
 
     @property
     def port(self) -> int:
@@ -222,6 +224,34 @@ def serve_peer(
     with _run(command, env, log_dir / f"peer-{port}.log", port, "/healthz",
               ready_timeout_s, "loadtests.peer") as server:  # fmt: skip
         yield server
+
+
+TRITON_PYTHON = REPO / ".venv" / "triton" / "bin" / "python"
+
+
+@contextlib.contextmanager
+def serve_triton(
+    log_dir: Path,
+    *,
+    how: str,
+    model: str,
+    instances: int,
+    ready_timeout_s: float = 180.0,
+) -> Iterator[Server]:
+    """Start Triton serving ``model`` (``loadtests.triton_peer``: ``how`` is ``pytriton`` or
+    ``tritonserver``) in ``.venv/triton`` (``make triton-env``); yield once the model is ready."""
+    if not TRITON_PYTHON.is_file():
+        raise RuntimeError(f"{TRITON_PYTHON} is missing: run `make triton-env` first")
+    port, grpc_port, metrics_port = free_ports(3)
+    command = [str(TRITON_PYTHON), "-m", "loadtests.triton_peer", how, "--model", model,
+               "--http-port", str(port), "--grpc-port", str(grpc_port),
+               "--metrics-port", str(metrics_port), "--instances", str(instances)]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)
+    log = log_dir / f"triton-{how}-{port}.log"
+    ready = "/v2/models/vit-digits/ready"
+    with _run(command, env, log, port, ready, ready_timeout_s, f"triton ({how})") as server:
+        yield dataclasses.replace(server, grpc_port=grpc_port, metrics_port=metrics_port)
 
 
 @contextlib.contextmanager

@@ -173,6 +173,7 @@ wrk.method = "POST"
 wrk.body = f:read("*all")
 f:close()
 wrk.headers["Content-Type"] = "{content_type}"
+{extra}
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -204,15 +205,25 @@ def _children_cpu_s() -> float:
 
 
 def drive_wrk(
-    url: str, body: bytes, content_type: str, concurrency: int, seconds: float, threads: int
+    url: str,
+    body: bytes,
+    content_type: str,
+    concurrency: int,
+    seconds: float,
+    threads: int,
+    headers: dict[str, str] | None = None,
 ) -> Load:
     """POST ``body`` with wrk: ``threads`` threads, ``concurrency`` keep-alive connections that
-    each send the next request the moment an answer (any answer) is in."""
+    each send the next request the moment an answer (any answer) is in; ``headers`` besides
+    the content type."""
     with tempfile.TemporaryDirectory() as folder:
         body_path = Path(folder) / "body.bin"
         body_path.write_bytes(body)
         script = Path(folder) / "post.lua"
-        script.write_text(_WRK_SCRIPT.format(body=body_path, content_type=content_type))
+        extra = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items())
+        script.write_text(
+            _WRK_SCRIPT.format(body=body_path, content_type=content_type, extra=extra)
+        )
         cpu_before = _children_cpu_s()
         out = subprocess.run(
             ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s",

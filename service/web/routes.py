@@ -309,31 +309,6 @@ def _protocol_routes(app: FastAPI, front: Front, settings: Settings) -> None:
 
     Responses = dict[int | str, dict[str, Any]]
     errors: Responses = {404: {"model": OipError}, 405: {"model": OipError}}
-    ready_errors: Responses = {**errors, 400: {"model": OipReady, "description": "Not ready."}}
-    app.add_api_route(
-        "/v2",
-        server,
-        methods=["GET"],
-        response_model=OipServerMetadata,
-        responses=errors,
-        summary="Open Inference Protocol: server metadata.",
-    )
-    app.add_api_route(
-        "/v2/health/live",
-        server,
-        methods=["GET"],
-        response_model=OipLive,
-        responses=errors,
-        summary="Open Inference Protocol: live.",
-    )
-    app.add_api_route(
-        "/v2/health/ready",
-        server,
-        methods=["GET"],
-        response_model=OipReady,
-        responses=ready_errors,
-        summary="Open Inference Protocol: ready (400 if not).",
-    )
     infer_errors: Responses = {
         status: {"model": OipError} for status in (400, 404, 405, 408, 413, 415, 422, 503, 504)
     }
@@ -342,35 +317,36 @@ def _protocol_routes(app: FastAPI, front: Front, settings: Settings) -> None:
         "(Inference-Header-Content-Length: the JSON's length).",
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
+    infer_request = oip_infer_request(settings.max_images_per_request)
+    # (path, handler, method, answer, other answers, summary)
+    routes: list[tuple[str, Any, str, type, Responses, str]] = [
+        ("/v2", server, "GET", OipServerMetadata, errors, "server metadata"),
+        ("/v2/health/live", server, "GET", OipLive, errors, "live"),
+        ("/v2/health/ready", server, "GET", OipReady, {**errors, 400: {"model": OipReady}},
+         "ready (400 if not)"),
+    ]  # fmt: skip
     for prefix, handler in (
         ("/v2/models/{model_name}", model),
         ("/v2/models/{model_name}/versions/{model_version}", version),
     ):
+        routes += [
+            (prefix, handler, "GET", OipModelMetadata, {**errors, 503: {"model": OipError}},
+             "the model's tensors and parameters"),
+            (f"{prefix}/ready", handler, "GET", OipModelReady,
+             {**errors, 400: {"model": OipModelReady}}, "the model is ready (400 if not)"),
+            (f"{prefix}/infer", handler, "POST", OipInferResponse, infer_errors,
+             "classify images (tensor 'image' or 'pixels'): probabilities, attention, crop "
+             "boxes, heatmaps"),
+        ]  # fmt: skip
+    for path, handler, method, answer, responses, summary in routes:
         app.add_api_route(
-            prefix,
+            path,
             handler,
-            methods=["GET"],
-            response_model=OipModelMetadata,
-            responses={**errors, 503: {"model": OipError}},
-            summary="Open Inference Protocol: the model's tensors and parameters.",
-        )
-        app.add_api_route(
-            f"{prefix}/ready",
-            handler,
-            methods=["GET"],
-            response_model=OipModelReady,
-            responses={**errors, 400: {"model": OipModelReady}},
-            summary="Open Inference Protocol: the model is ready (400 if not).",
-        )
-        app.add_api_route(
-            f"{prefix}/infer",
-            handler,
-            methods=["POST"],
-            response_model=OipInferResponse,
-            responses=infer_errors,
-            summary="Open Inference Protocol: classify images (tensor 'image' or "
-            "'pixels'); probabilities, attention, crop boxes, heatmaps.",
-            openapi_extra=oip_infer_request(settings.max_images_per_request),
+            methods=[method],
+            response_model=answer,
+            responses=responses,
+            summary=f"Open Inference Protocol: {summary}.",
+            openapi_extra=infer_request if method == "POST" else None,
         )
 
 

@@ -26,7 +26,10 @@ h2load counts HTTP 200s, and a failed gRPC call is an HTTP 200 with a ``grpc-sta
 every load is checked against the server's own counters, read before and after it: ours'
 ``vit_requests_total`` of the endpoint by status, Triton's ``nv_inference_request_success`` and
 ``_failure``. A load passes when the server failed nothing and answered at least what the
-client counted (at most one call per connection more: those in flight when the client stopped).
+client counted, with at most one call per connection more, answered or cancelled: those in
+flight when the client stopped (Triton counts a cancelled call as a failure with reason
+``CANCELED``; those are reported apart).
+
 Before the loads, the request is sent to every server once and the answers compared (the same
 top class; the largest difference in probability is reported).
 
@@ -159,11 +162,16 @@ class Target:
     server: str  # "ours", "triton pytriton", "triton tritonserver"
     protocol: str  # "/classify", "OIP REST", "OIP gRPC"
     drive: Callable[[int, float], Load]
-    counted: Callable[[], tuple[float, float]]  # (answered, failed) so far
+    counted: Callable[[], Counts]
 
 
-def ours_counts(url: str, endpoint: str) -> Callable[[], tuple[float, float]]:
-    def counted() -> tuple[float, float]:
+# What a server counted so far: answered, failed, and cancelled by the client (Triton counts the
+# calls h2load still has in flight when it stops as failures with reason CANCELED).
+Counts = tuple[float, float, float]
+
+
+def ours_counts(url: str, endpoint: str) -> Callable[[], Counts]:
+    def counted() -> Counts:
         ok = failed = 0.0
         for key, value in scrape(url).items():
             if key.startswith("vit_requests_total{") and f'endpoint="{endpoint}"' in key:
@@ -171,20 +179,31 @@ def ours_counts(url: str, endpoint: str) -> Callable[[], tuple[float, float]]:
                     ok += value
                 else:
                     failed += value
-        return ok, failed
+        return ok, failed, 0.0
 
     return counted
 
 
-def triton_counts(metrics_port: int) -> Callable[[], tuple[float, float]]:
-    def counted() -> tuple[float, float]:
+def triton_counts(metrics_port: int) -> Callable[[], Counts]:
+    def counted() -> Counts:
         text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
         series = parse_exposition(text)
 
-        def total(name: str) -> float:
-            return sum(v for k, v in series.items() if k.startswith(name + "{") and MODEL_NAME in k)
+        def total(name: str, cancelled: bool = False) -> float:
+            return sum(
+                v
+                for k, v in series.items()
+                if k.startswith(name + "{")
+                and MODEL_NAME in k
+                and ('reason="CANCELED"' in k) == cancelled
+            )
 
-        return total("nv_inference_request_success"), total("nv_inference_request_failure")
+        failure = "nv_inference_request_failure"
+        return (
+            total("nv_inference_request_success"),
+            total(failure),
+            total(failure, cancelled=True),
+        )
 
     return counted
 
@@ -269,12 +288,16 @@ def run(rounds: int, seconds: float, work: Path) -> dict[str, Any]:
                     load = target.drive(clients, seconds)
                     time.sleep(0.5)  # the calls in flight when the client stopped
                     after = target.counted()
-                    answered, failed = after[0] - before[0], after[1] - before[1]
-                    checked = failed == 0 and load.requests <= answered <= load.requests + clients
+                    answered, failed, cancelled = (
+                        a - b for a, b in zip(after, before, strict=True)
+                    )
+                    # the calls in flight when the client stopped: answered, or cancelled
+                    late = answered + cancelled - load.requests
+                    checked = failed == 0 and answered >= load.requests and late <= clients
                     entry = {"round": round_, "server": target.server,
                              "protocol": target.protocol, **asdict(load),
                              "server_answered": answered, "server_failed": failed,
-                             "counts_check": checked}  # fmt: skip
+                             "server_cancelled": cancelled, "counts_check": checked}  # fmt: skip
                     loads.append(entry)
                     print(json.dumps(entry), flush=True)
     return {"machine": machine(), "cores": cores, "rounds": rounds, "seconds": seconds,

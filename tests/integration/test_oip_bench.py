@@ -49,7 +49,7 @@ def test_a_load_is_answered_and_counted_by_the_server(server: Server, protocol: 
     after = counted()
     assert load.requests > 0 and load.errors == 0, load
     assert load.p50_ms > 0 and load.rps > 0, load
-    assert after[1] == before[1]  # nothing failed
+    assert after[1] == before[1] and after[2] == before[2] == 0  # nothing failed
     assert load.requests <= after[0] - before[0] <= load.requests + 2  # +2: in flight at the end
 
 

@@ -268,8 +268,9 @@ def send_digits(report: Report, url: str, count: int) -> dict[str, int]:
 
 
 def check_grpc(report: Report, url: str, grpc_port: int, count: int) -> int:
-    """The image exposes both ports; ``tritonclient.grpc`` gets the same top-1 as ``/classify``
-    for ``count`` digits sent in one request. Returns the images it sent."""
+    """The image exposes both ports (3001 from the offline base); ``tritonclient.grpc`` gets the
+    same top-1 as ``/classify`` for ``count`` digits sent in one request. Returns the images it
+    sent."""
     exposed = _podman("image", "inspect", "--format", "{{json .Config.ExposedPorts}}", IMAGE)
     report.facts["exposed_ports"] = sorted(json.loads(exposed) or {})
     report.check(

@@ -6,7 +6,7 @@
 #   localhost/vit-serve-base:bookworm        + uv: the service image's base (base.Containerfile)
 #   localhost/vit-serve-prometheus:bookworm  + Debian's prometheus (prometheus.Containerfile)
 #
-# Each is built only if missing (--rebuild rebuilds all three). Needs root, podman, runc and
+# Each is built only if missing or its recipe changed (--rebuild rebuilds all three). Needs root, podman, runc and
 # mmdebstrap (apt-get install podman runc mmdebstrap), the host's Debian package sources and PyPI.
 # Podman runs with deploy/container/containers.conf unless CONTAINERS_CONF names another file.
 set -euo pipefail
@@ -47,11 +47,15 @@ if missing "$ROOT_IMAGE"; then
   trap - EXIT
 fi
 
+# An image is rebuilt when its recipe changed: the label vit-serve.recipe holds a hash of it.
+recipe() { cat "$here/$1" "$here/uv-requirements.txt" | sha256sum | cut -c1-16; }
+built_from() { podman image inspect --format '{{ index .Labels "vit-serve.recipe" }}' "$1" 2>/dev/null; }
 build() {  # build IMAGE CONTAINERFILE
-  if missing "$1"; then
+  sha="$(recipe "$2")"
+  if missing "$1" || [ "$(built_from "$1")" != "$sha" ]; then
     echo "== $1: podman build -f $2"
     podman build --network=host --volume "$CA_MOUNT" --build-arg "ROOT_IMAGE=$ROOT_IMAGE" \
-      --tag "$1" --file "$here/$2" "$here"
+      --label "vit-serve.recipe=$sha" --tag "$1" --file "$here/$2" "$here"
   fi
 }
 build "$BASE_IMAGE" base.Containerfile

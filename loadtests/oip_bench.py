@@ -68,6 +68,7 @@ from loadtests.triton_peer import MODEL_NAME
 from service.runtime.settings import DEFAULT_MODEL
 
 __all__ = [
+    "GRPC_INFER_PATH",
     "drive_h2load",
     "grpc_body",
     "grpc_request",
@@ -78,6 +79,8 @@ __all__ = [
 ]
 
 TRITONS = ("pytriton", "tritonserver")
+# The gRPC call's HTTP/2 path (h2load posts the framed request there).
+GRPC_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 CLIENTS = (16, 1)
 
 
@@ -213,14 +216,13 @@ def targets(ours: Server, tritons: dict[str, Server], png: bytes) -> list[Target
     frame = grpc_body(png)
     form, form_type = multipart({"attention": "none"}, [("image", "digit.png", png)])
     infer = f"/v2/models/{MODEL_NAME}/infer"
-    grpc_path = "/inference.GRPCInferenceService/ModelInfer"
     octet = "application/octet-stream"
 
     def wrk(url: str, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> Any:
         return lambda clients, seconds: drive_wrk(url, body, ctype, clients, seconds, 1, extra)
 
     def h2(port: int) -> Any:
-        url = f"http://127.0.0.1:{port}{grpc_path}"
+        url = f"http://127.0.0.1:{port}{GRPC_INFER_PATH}"
         return lambda clients, seconds: drive_h2load(url, frame, clients, seconds)
 
     found = [

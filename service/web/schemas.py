@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from ..runtime.settings import ATTENTION_MODES
+
 __all__ = [
     "BatchItem",
     "ClassifyResponse",
@@ -26,6 +28,11 @@ __all__ = [
     "classify_request",
     "oip_infer_request",
 ]
+
+# The option values the routes accept, as documented: an empty value means the default, and
+# ``heatmap`` is read case-blind (``service/web/options.py``).
+_ATTENTION_VALUES = [*ATTENTION_MODES, ""]
+_HEATMAP_VALUES = ["true", "false", "1", "0", "yes", "no", "on", "off", "True", "False", ""]
 
 
 class Prediction(BaseModel):
@@ -158,7 +165,6 @@ def classify_request(file_field: str, max_images: int) -> dict[str, Any]:
     if file_field == "images":
         upload = {"type": "array", "items": binary, "minItems": 1, "maxItems": max_images}
     empty = {"type": "string", "maxLength": 0}
-    spellings = ["true", "false", "1", "0", "yes", "no", "on", "off", "True", "False"]
     return {
         "requestBody": {
             "required": True,
@@ -177,9 +183,9 @@ def classify_request(file_field: str, max_images: int) -> dict[str, Any]:
             {"name": "top_k", "in": "query", "description": "Classes to return (1..classes).",
              "schema": {"anyOf": [{"type": "integer", "minimum": 1}, empty]}},
             {"name": "attention", "in": "query", "description": "Attention map to return.",
-             "schema": {"type": "string", "enum": ["none", "cls", "rollout", ""]}},
+             "schema": {"type": "string", "enum": _ATTENTION_VALUES}},
             {"name": "heatmap", "in": "query", "description": "Add a base64 PNG heatmap.",
-             "schema": {"type": "string", "enum": [*spellings, ""]}},
+             "schema": {"type": "string", "enum": _HEATMAP_VALUES}},
         ],
     }  # fmt: skip
 
@@ -248,7 +254,6 @@ def oip_infer_request(max_images: int) -> dict[str, Any]:
     one input tensor, ``image`` (encoded images, base64 in JSON) or ``pixels``; the request's
     parameters; the outputs asked for. The binary extension (tensors after the JSON, its length
     in ``Inference-Header-Content-Length``) is not described here."""
-    spellings = ["true", "false", "1", "0", "yes", "no", "on", "off", "True", "False", ""]
     tensor = {
         "type": "object",
         "required": ["name", "datatype", "shape", "data"],
@@ -278,8 +283,10 @@ def oip_infer_request(max_images: int) -> dict[str, Any]:
         "type": "object",
         "properties": {
             "top_k": {"type": "integer", "minimum": 1},
-            "attention": {"type": "string", "enum": ["none", "cls", "rollout", ""]},
-            "heatmap": {"anyOf": [{"type": "boolean"}, {"type": "string", "enum": spellings}]},
+            "attention": {"type": "string", "enum": _ATTENTION_VALUES},
+            "heatmap": {
+                "anyOf": [{"type": "boolean"}, {"type": "string", "enum": _HEATMAP_VALUES}]
+            },
             "binary_data_output": {"type": "boolean"},
         },
     }

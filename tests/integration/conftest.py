@@ -25,3 +25,10 @@ SERVER_ENV = {
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with serve(SERVER_ENV, tmp_path_factory.mktemp("serve")) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def address(server: Server) -> str:
+    """The session server's Open Inference Protocol over gRPC, as ``host:port``."""
+    assert server.grpc_port
+    return f"127.0.0.1:{server.grpc_port}"

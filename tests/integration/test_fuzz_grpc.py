@@ -49,12 +49,6 @@ ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode
 pytestmark = pytest.mark.timeout(max(300, CASES // 2))
 
 
-@pytest.fixture(scope="module")
-def address(server: Server) -> str:
-    assert server.grpc_port
-    return f"127.0.0.1:{server.grpc_port}"
-
-
 def _parameter(value: Any) -> pb.InferParameter:
     if isinstance(value, bool):
         return pb.InferParameter(bool_param=value)

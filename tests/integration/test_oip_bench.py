@@ -17,10 +17,16 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from harness.samples import digit
 from harness.serving import Server
 from loadtests.bench import drive_wrk
-from loadtests.oip_bench import drive_h2load, grpc_body, grpc_request, ours_counts, rest_body
+from loadtests.oip_bench import (
+    GRPC_INFER_PATH,
+    drive_h2load,
+    grpc_body,
+    grpc_request,
+    ours_counts,
+    rest_body,
+)
 
 PNG = digit(0, 64, False)
-GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def test_the_grpc_frame_holds_the_request_tritonclient_would_send(server: Server) -> None:
@@ -44,7 +50,7 @@ def test_a_load_is_answered_and_counted_by_the_server(server: Server, protocol: 
     else:
         counted = ours_counts(server.url, "oip_grpc_infer")
         before = counted()
-        url = f"http://127.0.0.1:{server.grpc_port}{GRPC_PATH}"
+        url = f"http://127.0.0.1:{server.grpc_port}{GRPC_INFER_PATH}"
         load = drive_h2load(url, grpc_body(PNG), 2, 1)
     after = counted()
     assert load.requests > 0 and load.errors == 0, load
@@ -60,7 +66,7 @@ def test_a_refused_grpc_call_is_a_success_to_h2load_but_not_to_the_server(server
     frame = b"\x00" + struct.pack(">I", len(message)) + message
     counted = ours_counts(server.url, "oip_grpc_infer")
     before = counted()
-    load = drive_h2load(f"http://127.0.0.1:{server.grpc_port}{GRPC_PATH}", frame, 1, 1)
+    load = drive_h2load(f"http://127.0.0.1:{server.grpc_port}{GRPC_INFER_PATH}", frame, 1, 1)
     after = counted()
     assert load.requests > 0 and load.errors == 0  # HTTP 200s, all of them
     assert after[1] - before[1] >= load.requests  # the server refused every one

@@ -35,12 +35,6 @@ _STATUS = {400: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT", 415: "INVALID_ARGUM
 
 
 @pytest.fixture(scope="module")
-def address(server: Server) -> str:
-    assert server.grpc_port
-    return f"127.0.0.1:{server.grpc_port}"
-
-
-@pytest.fixture(scope="module")
 def client(address: str) -> Iterator[triton.InferenceServerClient]:
     client = triton.InferenceServerClient(address)
     yield client

@@ -22,7 +22,7 @@ import pytest
 from service.model.loading import parse_source
 from service.runtime.settings import DEFAULT_MODEL, Settings
 from tests.conftest import REPO
-from tests.unit.test_kubernetes import KUBERNETES, render
+from tests.unit.test_kubernetes import KUBERNETES, _named, render
 
 KSERVE_PYTHON = REPO / ".venv" / "kserve" / "bin" / "python"
 SDK_VERSION = "0.21.0"
@@ -43,11 +43,6 @@ def validate(objects: list[dict[str, Any]]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def objects() -> list[dict[str, Any]]:
     return render("kserve")
-
-
-def _named(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    (found,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
-    return found
 
 
 def test_every_object_validates_against_kserves_types(objects: list[dict[str, Any]]) -> None:

@@ -224,7 +224,7 @@ class ModelServer:
             runner.info,
             warmup_ms=runner.warmup_ms,
             decodes_on_device=runner.decodes_on_device,
-            runtime=self.runtime,
+            runtime={**self.runtime, "forward": runner.forward_kind},
         )
 
     def _queue_report(self) -> dict[str, int]:

@@ -6,6 +6,11 @@ Policy (measured against BentoML's adaptive dispatcher, see docs/ARCHITECTURE.md
 - When the model is idle, a batch leaves at once unless more requests are still being decoded
   (``arriving``); then it waits for them at most ``max_wait_s``. A lone request never waits, and
   nothing is learned from past load, so a burst leaves no lasting delay behind it.
+- With a ``prepare`` stage (a GPU model: decode and preprocessing on a stream of their own), a
+  batch is taken and prepared on a second thread while the one before it runs: as late as still
+  lets its preparation end when the running batch does (both timed on the last batch), or at
+  once when a full batch is waiting. The model thread then starts the next batch without waiting
+  for its preprocessing, and a batch taken later holds more of what arrived meanwhile.
 - The queue is bounded: past ``max_queue`` waiting images, ``submit`` raises ``Overloaded`` at
   once (the HTTP layer answers 503 with Retry-After) instead of letting latency grow unbounded.
 
@@ -26,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["BatchStats", "FileGate", "Gate", "MicroBatcher", "Overloaded"]
 
@@ -66,7 +71,10 @@ class MicroBatcher(Generic[In, Out]):
     """An asyncio front to a blocking ``run_batch(items) -> outputs`` on one worker thread.
 
     Args:
-        run_batch: Runs a list of items and returns one output per item, in order.
+        run_batch: Runs a list of items (or, with ``prepare``, what ``prepare`` made of them)
+            and returns one output per item, in order.
+        prepare: Optional first stage, run on a thread of its own: a list of items -> what
+            ``run_batch`` takes. One batch is prepared while the one before it runs.
         max_batch_size: Most items per call of ``run_batch``.
         max_wait_s: Longest an idle model waits for requests still being decoded.
         max_queue: Most items waiting; more raise ``Overloaded``.
@@ -75,8 +83,9 @@ class MicroBatcher(Generic[In, Out]):
 
     def __init__(
         self,
-        run_batch: Callable[[list[In]], Sequence[Out]],
+        run_batch: Callable[[Any], Sequence[Out]],
         *,
+        prepare: Callable[[list[In]], Any] | None = None,
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
@@ -87,6 +96,7 @@ class MicroBatcher(Generic[In, Out]):
                 "need max_batch_size >= 1, max_queue >= max_batch_size and max_wait_s >= 0"
             )
         self._run_batch = run_batch
+        self._prepare = prepare
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -96,7 +106,15 @@ class MicroBatcher(Generic[In, Out]):
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vit-model")
-        self._last_run_s = 0.0
+        self._preparer = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="vit-prepare")
+            if prepare is not None
+            else None
+        )
+        self._running: asyncio.Task[None] | None = None  # with ``prepare``: the batch running
+        self._run_since = 0.0  # when the batch running started on the model thread
+        self._last_run_s = 0.0  # the last batch's time on the model thread
+        self._last_prepare_s = 0.0  # and its preparation's
         self.gate: Gate | None = None
 
     @property
@@ -139,42 +157,111 @@ class MicroBatcher(Generic[In, Out]):
 
     async def _loop(self) -> None:
         assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
         while True:
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            await self._gather_more()
+            running = self._running
+            if running is not None and not running.done():
+                await self._until_due(running)
+            else:
+                await self._gather_more()
             batch = [
                 self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch_size))
             ]
             batch = [p for p in batch if not p.future.cancelled()]
             if not batch:
                 continue
+            if self._preparer is None:
+                await self._run_one(batch, [p.item for p in batch], time.perf_counter())
+                continue
             started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(
-                    self._executor, self._run, [p.item for p in batch]
-                )
-            except Exception as exc:  # the batch failed as a whole: each caller gets the error
-                _logger.exception("batch of %d failed", len(batch))
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            self._last_run_s = time.perf_counter() - started
-            waits = [started - p.enqueued for p in batch]
-            for p, out, wait in zip(batch, outputs, waits, strict=True):
-                if not p.future.done():
-                    p.future.set_result((out, wait))
-            if self._on_batch is not None:
-                self._on_batch(BatchStats(len(batch), waits))
+                prepared = await self._prepare_one(batch)
+                if prepared is None:
+                    continue
+                if self._running is not None:
+                    await self._running  # the model thread is free once the batch before is
+            except asyncio.CancelledError:  # closing: this batch's callers are cancelled too
+                self._cancel(batch)
+                raise
+            self._running = asyncio.ensure_future(self._run_one(batch, prepared, started))
 
-    def _run(self, items: list[In]) -> Sequence[Out]:
+    async def _prepare_one(self, batch: list[_Pending[In, Out]]) -> Any | None:
+        """``prepare`` on its own thread; None (and each caller failed) when it raised."""
+        started = time.perf_counter()
+        try:
+            prepared = await asyncio.get_running_loop().run_in_executor(
+                self._preparer, self._prepare_batch, [p.item for p in batch]
+            )
+        except Exception as exc:
+            self._fail(batch, exc)
+            return None
+        self._last_prepare_s = time.perf_counter() - started
+        return prepared
+
+    async def _run_one(self, batch: list[_Pending[In, Out]], work: Any, started: float) -> None:
+        """Run one batch on the model thread and hand each caller its output."""
+        self._run_since = ran = time.perf_counter()
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run, work
+            )
+        except asyncio.CancelledError:  # closing: its callers are cancelled too
+            self._cancel(batch)
+            raise
+        except Exception as exc:  # the batch failed as a whole: each caller gets the error
+            self._fail(batch, exc)
+            return
+        self._last_run_s = time.perf_counter() - ran
+        waits = [started - p.enqueued for p in batch]
+        for p, out, wait in zip(batch, outputs, waits, strict=True):
+            if not p.future.done():
+                p.future.set_result((out, wait))
+        if self._on_batch is not None:
+            self._on_batch(BatchStats(len(batch), waits))
+
+    @staticmethod
+    def _cancel(batch: list[_Pending[In, Out]]) -> None:
+        for p in batch:
+            p.future.cancel()
+
+    @staticmethod
+    def _fail(batch: list[_Pending[In, Out]], exc: Exception) -> None:
+        _logger.error("batch of %d failed", len(batch), exc_info=exc)
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(exc)
+
+    def _run(self, work: Any) -> Sequence[Out]:
+        gate = self.gate
+        if gate is not None and self._preparer is None:
+            gate(len(work))
+        return self._run_batch(work)
+
+    def _prepare_batch(self, items: list[In]) -> Any:
         gate = self.gate
         if gate is not None:
             gate(len(items))
-        return self._run_batch(items)
+        assert self._prepare is not None
+        return self._prepare(items)
+
+    async def _until_due(self, running: asyncio.Task[None]) -> None:
+        """With a batch running: wait until the next one is due to be prepared (so that its
+        preparation ends as the running batch does), a full batch waits, or the model is free."""
+        assert self._wakeup is not None
+        due = self._run_since + self._last_run_s - self._last_prepare_s
+        while not running.done() and len(self._queue) < self.max_batch_size:
+            remaining = due - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            woken = asyncio.ensure_future(self._wakeup.wait())
+            try:
+                await asyncio.wait({running, woken}, timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            finally:
+                woken.cancel()
 
     async def _gather_more(self) -> None:
         """Wait (bounded) for requests still decoding, if the batch has room for them."""
@@ -194,14 +281,17 @@ class MicroBatcher(Generic[In, Out]):
 
     async def aclose(self) -> None:
         """Stop the loop; queued callers get CancelledError."""
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._running):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
         for p in self._queue:
             p.future.cancel()
         self._queue.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._preparer is not None:
+            self._preparer.shutdown(wait=False, cancel_futures=True)
 
 
 class FileGate:

@@ -18,14 +18,22 @@ on first use (the warm-up traces the three). An eager forward pass releases and 
 at every op, and each retake waits behind any thread running Python (the event loop, under
 load) for up to the switch interval; a graph runs all its ops without the GIL and retakes it
 once (``loadtests/gil_contention.py``).
+
+On CUDA (``graphs=True``, the service's default, ``VIT_CUDA_GRAPHS``) the forward pass of each
+attention mode is captured as CUDA graphs at warm-up, one per batch-size bucket, and a batch is
+padded to its bucket (``service/model/graphs.py``). A batch's work is split in two for the
+batcher to overlap: ``prepare`` (device decode, canvas, resize, normalize) runs on a CUDA stream
+of its own, so batch n+1 is prepared on one thread while batch n's graph runs from another
+(``finish``); ``run_works`` does both in turn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +45,7 @@ from ..errors import ApiError
 from ..metrics import Metrics
 from ..runtime.settings import ATTENTION_MODES, AttentionMode
 from .geometry import crop_window
+from .graphs import BucketedForward, buckets_for
 from .imaging import ImageLimits, decode_image
 from .loading import LoadedModel
 
@@ -45,6 +54,7 @@ __all__ = [
     "Engine",
     "ItemResult",
     "Outcome",
+    "Prepared",
     "Work",
     "rollout",
 ]
@@ -104,6 +114,19 @@ class BatchResult:
     attention_ms: float
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A batch decoded and preprocessed on the device, waiting for its forward pass."""
+
+    errors: list[ApiError | None]  # per work: the 4xx its device decode ended in, else None
+    good: list[int]  # the works that go through the model, in order
+    images: list[Image]  # their decoded pixels (to preprocess again should the pass run out)
+    modes: list[AttentionMode]  # their attention modes
+    batch: torch.Tensor | None  # their model input; None: none, or preprocessing ran out
+    decode_s: float
+    preprocess_ms: float
+
+
 def rollout(layers: Sequence[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema 2020) read from the given query rows.
 
@@ -130,6 +153,9 @@ class Engine:
     Args:
         loaded: the model on its device.
         script: run a float32 CPU model as frozen TorchScript graphs.
+        graphs: run a CUDA model's forward passes as CUDA graphs, one per attention capture
+            and batch-size bucket up to ``max_batch_size``, captured at warm-up.
+        max_batch_size: the largest batch the engine is given (the largest bucket).
         limits: what a JPEG the device cannot decode must satisfy when Pillow decodes it.
         metrics: where ``run_works`` records its stage times (and CUDA memory).
     """
@@ -139,6 +165,8 @@ class Engine:
         loaded: LoadedModel,
         *,
         script: bool = False,
+        graphs: bool = False,
+        max_batch_size: int = 32,
         limits: ImageLimits | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -161,6 +189,34 @@ class Engine:
         self._graphs: dict[tuple[int, ...], Any] = {}
         self._limits = limits or ImageLimits()
         self._metrics = metrics
+        cuda = self.device.type == "cuda"
+        self.bucketed = (
+            BucketedForward(
+                self._pass,
+                sample_shape=self.info.input_size,
+                dtype=self.dtype,
+                device=self.device,
+                buckets=buckets_for(max_batch_size),
+                capture=True,
+            )
+            if graphs and cuda
+            else None
+        )
+        # Preprocessing's own stream: batch n+1 is prepared while batch n runs.
+        self._prep_stream = torch.cuda.Stream(self.device) if cuda else None
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether ``prepare`` of one batch may run beside ``finish`` of another (on CUDA:
+        each has its own stream; on the CPU both would share the same cores)."""
+        return self._prep_stream is not None
+
+    @property
+    def forward_kind(self) -> str:
+        """How the forward pass runs: 'cuda-graphs', 'torchscript' or 'eager'."""
+        if self.bucketed is not None:
+            return "cuda-graphs"
+        return "torchscript" if self._script else "eager"
 
     def _make_hook(self, index: int) -> Any:
         def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
@@ -173,21 +229,51 @@ class Engine:
     def run_works(self, works: list[Work]) -> list[Outcome | ApiError]:
         """One batch as the batcher hands it over: one Outcome (queue time left 0 for the
         caller) or per-image ApiError each, stage times recorded."""
+        return self.finish(self.prepare(works))
+
+    @torch.inference_mode()
+    def prepare(self, works: list[Work]) -> Prepared:
+        """Decode a batch's JPEGs on the device and build its model input (on the
+        preprocessing stream on CUDA, waited for here: only this thread waits)."""
         images: list[Image | ApiError | None] = [w.pixels for w in works]
         jpegs = [i for i, w in enumerate(works) if w.jpeg is not None]
-        decode_s = 0.0
-        if jpegs:
+        with self._preparing():
             started = time.perf_counter()
-            decoded = self._decode_on_device([works[i].jpeg for i in jpegs])  # type: ignore[misc]
-            for i, image in zip(jpegs, decoded, strict=True):
-                images[i] = image
-            decode_s = time.perf_counter() - started
-        good = [i for i, image in enumerate(images) if not isinstance(image, ApiError)]
-        result = self.run([images[i] for i in good], [works[i].mode for i in good])  # type: ignore[misc]
+            if jpegs:
+                decoded = self._decode_on_device([works[i].jpeg for i in jpegs])  # type: ignore[misc]
+                for i, image in zip(jpegs, decoded, strict=True):
+                    images[i] = image
+            decoded_at = time.perf_counter()
+            good = [i for i, image in enumerate(images) if not isinstance(image, ApiError)]
+            pixels: list[Image] = [images[i] for i in good]  # type: ignore[misc]
+            batch = None
+            if good:
+                try:
+                    batch = self.preprocess(pixels)
+                except torch.OutOfMemoryError:  # ``finish`` runs them in smaller batches
+                    _logger.warning("device out of memory preprocessing %d images", len(good))
+                    torch.cuda.empty_cache()
+            self._sync_preparation()
+        return Prepared(
+            errors=[image if isinstance(image, ApiError) else None for image in images],
+            good=good,
+            images=pixels,
+            modes=[works[i].mode for i in good],
+            batch=batch,
+            decode_s=decoded_at - started if jpegs else 0.0,
+            preprocess_ms=(time.perf_counter() - decoded_at) * 1e3,
+        )
+
+    @torch.inference_mode()
+    def finish(self, prepared: Prepared) -> list[Outcome | ApiError]:
+        """The forward pass and attention of a prepared batch; one Outcome or ApiError each."""
+        result = BatchResult([], prepared.preprocess_ms, 0.0, 0.0)
+        if prepared.good:
+            result = self._finish(prepared)
         metrics = self._metrics
         if metrics is not None:
-            if jpegs:
-                metrics.observe_stage("device_decode", decode_s)
+            if prepared.decode_s:
+                metrics.observe_stage("device_decode", prepared.decode_s)
             metrics.observe_stage("preprocess", result.preprocess_ms / 1e3)
             metrics.observe_stage("forward", result.forward_ms / 1e3)
             metrics.observe_stage("attention", result.attention_ms / 1e3)
@@ -195,14 +281,45 @@ class Engine:
                 metrics.gpu_memory.labels(kind="allocated").set(torch.cuda.memory_allocated())
                 metrics.gpu_memory.labels(kind="reserved").set(torch.cuda.memory_reserved())
         inference_ms = (
-            decode_s * 1e3 + result.preprocess_ms + result.forward_ms + result.attention_ms
+            prepared.decode_s * 1e3 + result.preprocess_ms + result.forward_ms + result.attention_ms
         )
         outcomes: list[Outcome | ApiError] = [
-            image if isinstance(image, ApiError) else _NO_OUTCOME for image in images
+            _NO_OUTCOME if error is None else error for error in prepared.errors
         ]
-        for i, item in zip(good, result.items, strict=True):
-            outcomes[i] = Outcome(item.probs, item.attention, len(good), inference_ms, 0.0)
+        for i, item in zip(prepared.good, result.items, strict=True):
+            outcomes[i] = Outcome(item.probs, item.attention, len(prepared.good), inference_ms, 0.0)
         return outcomes
+
+    def _finish(self, prepared: Prepared) -> BatchResult:
+        batch = prepared.batch
+        if batch is not None:
+            if self._prep_stream is not None:
+                # Made on the preprocessing stream, read on this one: its memory must not go
+                # back to the preprocessing stream before this stream is done with it.
+                batch.record_stream(torch.cuda.current_stream(self.device))
+            try:
+                return self._classify(batch, prepared.modes, prepared.preprocess_ms)
+            except torch.OutOfMemoryError:
+                if len(prepared.good) == 1:
+                    raise
+                torch.cuda.empty_cache()
+        # Out of memory: again from the pixels, in halves as ``run`` does.
+        for image in prepared.images:
+            if isinstance(image, torch.Tensor) and self._prep_stream is not None:
+                image.record_stream(torch.cuda.current_stream(self.device))
+        return self.run(prepared.images, prepared.modes)
+
+    @contextlib.contextmanager
+    def _preparing(self) -> Iterator[None]:
+        if self._prep_stream is None:
+            yield
+            return
+        with torch.cuda.stream(self._prep_stream):
+            yield
+
+    def _sync_preparation(self) -> None:
+        if self._prep_stream is not None:
+            self._prep_stream.synchronize()
 
     def _decode_on_device(self, jpegs: list[bytes]) -> list[Image | ApiError]:
         """JPEGs -> HWC uint8 on the device, in one batched call (nvJPEG on CUDA).
@@ -220,7 +337,7 @@ class Engine:
             decoded = decode_jpeg(
                 tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True
             )
-            out = [_reduce_on_device(chw, min_side) for chw in decoded]
+            out = list(_reduce_all(decoded, min_side))
         except Exception as exc:  # one bad file fails the batched call: go one by one
             _logger.debug("batched device decode failed (%s); decoding one by one", exc)
             for data, tensor in zip(jpegs, tensors, strict=True):
@@ -266,8 +383,13 @@ class Engine:
         started = time.perf_counter()
         batch = self.preprocess(images)
         self._sync()
-        preprocessed = time.perf_counter()
+        return self._classify(batch, modes, (time.perf_counter() - started) * 1e3)
 
+    def _classify(
+        self, batch: torch.Tensor, modes: Sequence[AttentionMode], preprocess_ms: float
+    ) -> BatchResult:
+        """The forward pass (capturing what ``modes`` need) and the attention maps."""
+        started = time.perf_counter()
         need = max((_RANK[m] for m in modes), default=0)
         depth = len(self._blocks)
         if need == _RANK["rollout"]:
@@ -280,17 +402,17 @@ class Engine:
         probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         forwarded = time.perf_counter()
 
-        attention: list[np.ndarray | None] = [None] * len(images)
+        attention: list[np.ndarray | None] = [None] * len(modes)
         if wanted:
             attention = self._attention(modes, need)
         self._capture = [None] * depth
         finished = time.perf_counter()
 
-        items = [ItemResult(probs=probs[i], attention=attention[i]) for i in range(len(images))]
+        items = [ItemResult(probs=probs[i], attention=attention[i]) for i in range(len(modes))]
         return BatchResult(
             items,
-            preprocess_ms=(preprocessed - started) * 1e3,
-            forward_ms=(forwarded - preprocessed) * 1e3,
+            preprocess_ms=preprocess_ms,
+            forward_ms=(forwarded - started) * 1e3,
             attention_ms=(finished - forwarded) * 1e3,
         )
 
@@ -303,26 +425,34 @@ class Engine:
         heights = [img.shape[0] for img in images]
         widths = [img.shape[1] for img in images]
         canvas_h, canvas_w = max(heights), max(widths)
+        same_size = len(set(heights)) == 1 and len(set(widths)) == 1
         if all(isinstance(img, np.ndarray) for img in images):
-            host = np.empty((len(images), canvas_h, canvas_w, 3), dtype=np.uint8)
-            _fill_canvas(host, images)
+            if same_size:  # one copy, no per-image slicing
+                host = np.stack(images)  # type: ignore[arg-type]
+            else:
+                host = np.empty((len(images), canvas_h, canvas_w, 3), dtype=np.uint8)
+                _fill_canvas(host, images)
             pixels = torch.from_numpy(host)
             if self.device.type == "cuda":
                 pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         else:
-            pixels = torch.empty(
-                (len(images), canvas_h, canvas_w, 3), dtype=torch.uint8, device=self.device
-            )
             on_device = [
                 img.to(self.device)
                 if isinstance(img, torch.Tensor)
                 else torch.from_numpy(img).to(self.device)
                 for img in images
             ]
-            _fill_canvas(pixels, on_device)
+            if same_size:
+                pixels = torch.stack(on_device)
+            else:
+                pixels = torch.empty(
+                    (len(images), canvas_h, canvas_w, 3), dtype=torch.uint8, device=self.device
+                )
+                _fill_canvas(pixels, on_device)
         pixels = pixels.permute(0, 3, 1, 2).float()
 
-        theta = torch.zeros((len(images), 2, 3), dtype=torch.float32)
+        # Built in numpy and moved once: a torch op per entry would retake the GIL 4x per image.
+        theta = np.zeros((len(images), 2, 3), dtype=np.float32)
         for i, (h, w) in enumerate(zip(heights, widths, strict=True)):
             x0, y0, x1, y1 = crop_window(h, w, self.info)
             # Map output coords in [-1, 1] onto the crop window inside this image's canvas slot.
@@ -332,7 +462,9 @@ class Engine:
             theta[i, 1, 2] = (y0 + y1) / canvas_h - 1
         in_c, in_h, in_w = self.info.input_size
         grid = F.affine_grid(
-            theta.to(self.device), [len(images), in_c, in_h, in_w], align_corners=False
+            torch.from_numpy(theta).to(self.device),
+            [len(images), in_c, in_h, in_w],
+            align_corners=False,
         )
         resized = F.grid_sample(
             pixels, grid, mode=self._interp, padding_mode="border", align_corners=False
@@ -342,6 +474,12 @@ class Engine:
         return (resized * self._scale + self._shift).to(self.dtype)
 
     def _forward(self, batch: torch.Tensor, wanted: list[int]) -> torch.Tensor:
+        bucketed = self.bucketed
+        if bucketed is not None and batch.shape[0] <= bucketed.buckets[-1]:
+            logits, *captured = bucketed(tuple(wanted), batch)
+            for index, weights in zip(wanted, captured, strict=True):
+                self._capture[index] = weights
+            return logits
         if self._script:
             graph = self._graphs.get(tuple(wanted))
             if graph is None:
@@ -355,13 +493,11 @@ class Engine:
 
     def _trace(self, batch: torch.Tensor, wanted: list[int]) -> Any:
         """Trace, freeze and optimize the forward pass that captures ``wanted`` blocks."""
-        engine = self
+        captured_pass = self._pass(tuple(wanted))
 
         class Captured(torch.nn.Module):
             def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                logits = engine._eager(x, wanted)
-                captured = [engine._capture[i] for i in wanted]
-                return (logits, *(c for c in captured if c is not None))
+                return captured_pass(x)
 
         started = time.perf_counter()
         try:
@@ -389,6 +525,20 @@ class Engine:
             (time.perf_counter() - started) * 1e3,
         )
         return graph
+
+    def _pass(self, key: Any) -> Any:
+        """The eager forward pass capturing the blocks in ``key`` (a tuple of indices), as a
+        function returning (logits, each captured block's attention): what is traced or
+        captured as a graph."""
+        wanted = list(key)
+
+        def captured_pass(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            logits = self._eager(x, wanted)
+            captured = [self._capture[i] for i in wanted]
+            self._capture = [None] * len(self._blocks)
+            return (logits, *(c for c in captured if c is not None))
+
+        return captured_pass
 
     def _eager(self, batch: torch.Tensor, wanted: list[int]) -> torch.Tensor:
         fused = [block.attn.fused_attn for block in self._blocks]
@@ -436,6 +586,16 @@ class Engine:
         side = max(self.info.resize_size, 1)
         images = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8)] * batch_size
         started = time.perf_counter()
+        if self.bucketed is not None:
+            depth = len(self._blocks)
+            with torch.inference_mode():
+                self.bucketed.warm([(), (depth - 1,), tuple(range(depth))])
+            _logger.info(
+                "captured %d CUDA graphs (buckets %s) in %.0f ms",
+                3 * len(self.bucketed.buckets),
+                ",".join(map(str, self.bucketed.buckets)),
+                self.bucketed.capture_ms,
+            )
         self.run(images, ["rollout"] * batch_size)
         self.run(images[:1], ["cls"])
         self.run(images[:1], ["none"])
@@ -459,13 +619,34 @@ def _normalize(weights: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, weights / total.clamp_min(1e-12), 1.0 / weights.shape[-1])
 
 
+def _reduce_all(decoded: Sequence[torch.Tensor], min_side: int) -> list[torch.Tensor]:
+    """``_reduce_on_device`` for a whole batch, one call per image size (a batch of photos from
+    one camera is one stack: a few ops instead of a few per image)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, chw in enumerate(decoded):
+        groups.setdefault(tuple(chw.shape), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(decoded)
+    for indices in groups.values():
+        if len(indices) == 1:
+            out[indices[0]] = _reduce_on_device(decoded[indices[0]], min_side)
+            continue
+        stacked = _reduce_on_device(torch.stack([decoded[i] for i in indices]), min_side)
+        for i, hwc in zip(indices, stacked.unbind(0), strict=True):
+            out[i] = hwc
+    return out  # type: ignore[return-value]
+
+
 def _reduce_on_device(chw: torch.Tensor, min_side: int) -> torch.Tensor:
-    """CHW uint8 -> HWC uint8, box-reduced by an integer factor like the Pillow path."""
-    factor = min(chw.shape[1], chw.shape[2]) // min_side
+    """CHW uint8 -> HWC uint8 (or a stack of them, NCHW -> NHWC), box-reduced by an integer
+    factor like the Pillow path."""
+    stacked = chw.dim() == 4
+    batch = chw if stacked else chw.unsqueeze(0)
+    factor = min(batch.shape[2], batch.shape[3]) // min_side
     if factor >= 2:
-        pooled = torch.nn.functional.avg_pool2d(chw.unsqueeze(0).float(), factor, ceil_mode=True)
-        chw = pooled.squeeze(0).round_().to(torch.uint8)
-    return chw.permute(1, 2, 0)
+        pooled = torch.nn.functional.avg_pool2d(batch.float(), factor, ceil_mode=True)
+        batch = pooled.round_().to(torch.uint8)
+    hwc = batch.permute(0, 2, 3, 1)
+    return hwc if stacked else hwc[0]
 
 
 _NO_OUTCOME = ApiError(500, "inference_failed", "The model gave no answer for this image.")

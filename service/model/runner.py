@@ -84,6 +84,11 @@ class ModelRunner:
         return info
 
     @property
+    def forward_kind(self) -> str:
+        """How the forward pass runs ('cuda-graphs', 'torchscript', 'eager'); '' before load."""
+        return "" if self._engine is None else str(self._engine.forward_kind)
+
+    @property
     def decodes_on_device(self) -> bool:
         """Whether JPEG uploads should reach the model undecoded (``Work.jpeg``)."""
         mode = self.settings.device_decode
@@ -113,7 +118,12 @@ class ModelRunner:
                 torch.set_num_interop_threads(1)
             loaded = load_model(settings.model, device=self.device, dtype=settings.dtype)
             engine = Engine(
-                loaded, script=settings.torchscript, limits=self._limits, metrics=self.metrics
+                loaded,
+                script=settings.torchscript,
+                graphs=settings.cuda_graphs,
+                max_batch_size=settings.max_batch_size,
+                limits=self._limits,
+                metrics=self.metrics,
             )
             self.warmup_ms = engine.warmup(settings.max_batch_size)
         except Exception as exc:
@@ -124,8 +134,10 @@ class ModelRunner:
             _logger.exception("the model failed to load (VIT_MODEL=%s): %s", settings.model, exc)
             raise
         self._engine = engine
+        # On a GPU a batch is prepared on its own thread and stream while the one before runs.
         self._batcher = batcher = MicroBatcher(
-            engine.run_works,
+            engine.finish if engine.overlaps else engine.run_works,
+            prepare=engine.prepare if engine.overlaps else None,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1e3,
             max_queue=settings.max_queue_images,
@@ -138,9 +150,10 @@ class ModelRunner:
             model=info.name, source=info.source, dtype=info.dtype, device=info.device
         ).set(1)
         _logger.info(
-            "ready: %s on %s warmed up at batch %d in %.0f ms (%d torch threads)",
+            "ready: %s on %s (%s) warmed up at batch %d in %.0f ms (%d torch threads)",
             info.name,
             info.device,
+            engine.forward_kind,
             settings.max_batch_size,
             self.warmup_ms,
             torch.get_num_threads(),

@@ -192,6 +192,14 @@ class Settings(BaseSettings):
             "so a forward pass does not wait for the GIL at every op."
         ),
     )
+    cuda_graphs: bool = Field(
+        True,
+        description=(
+            "Run a CUDA model's forward pass as CUDA graphs captured at warm-up, one per "
+            "attention mode and batch-size bucket (powers of two up to VIT_MAX_BATCH_SIZE); a "
+            "batch is padded to its bucket."
+        ),
+    )
     test_gate: str = Field(
         "",
         description=(

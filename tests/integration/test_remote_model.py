@@ -194,6 +194,7 @@ def test_each_tier_plans_for_a_host_of_its_own(remote: _Tiers) -> None:
     (model_process,) = runtime["model_processes"]
     assert model_process["device"] == "cpu"
     assert model_process["torch_threads"] == runtime["cpus"]  # no HTTP worker beside it
+    assert model_process["forward"] == "torchscript"  # a float32 model on the CPU
 
 
 def test_the_model_server_answers_its_own_probes_and_metrics(remote: _Tiers) -> None:

@@ -15,7 +15,7 @@ from service.model.engine import Engine, rollout
 from service.model.geometry import crop_window
 from service.model.loading import LoadedModel, load_model
 from tests.conftest import REPO
-from tests.utils import make_tiny_dir
+from tests.utils import assert_same_items, make_tiny_dir
 
 RNG = np.random.default_rng(0)
 
@@ -69,6 +69,31 @@ def test_preprocess_matches_timm_on_pictures(
     theirs = _timm_input(tiny, image)
     # Values are normalized to [-1, 1]; resamplers differ by a fraction of a grey level.
     assert (ours - theirs).abs().mean().item() < 0.02
+
+
+def test_a_batch_of_one_size_is_stacked_as_each_image_alone(engine: Engine) -> None:
+    images = [_smooth(48, 60, seed) for seed in range(4)]
+    together = engine.preprocess(images)
+    for i, image in enumerate(images):
+        torch.testing.assert_close(together[i : i + 1], engine.preprocess([image]), rtol=0, atol=0)
+
+
+def test_device_decode_reduces_a_batch_by_size_as_one_by_one(engine: Engine) -> None:
+    """JPEGs of one size are box-reduced as one stack; the result is each image's own."""
+    from service.model.engine import _reduce_on_device
+    from tests.utils import encode
+
+    sizes = [(96, 80), (96, 80), (70, 100), (96, 80), (64, 64), (33, 47)]
+    jpegs = [encode(_smooth(h, w, i), "JPEG", quality=95) for i, (h, w) in enumerate(sizes)]
+    decoded = engine._decode_on_device(jpegs)
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    for data, got in zip(jpegs, decoded, strict=True):
+        chw = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                          mode=ImageReadMode.RGB)  # fmt: skip
+        want = _reduce_on_device(chw, engine.info.resize_size)
+        assert isinstance(got, torch.Tensor) and torch.equal(got, want)
+    assert [tuple(d.shape) for d in decoded if isinstance(d, torch.Tensor)][:2] == [(48, 40, 3)] * 2
 
 
 def test_preprocess_pads_each_image_independently(engine: Engine) -> None:
@@ -271,12 +296,7 @@ def test_torchscript_answers_as_the_eager_model(
     ):
         want = eager.run(images, modes).items  # type: ignore[arg-type]
         got = scripted.run(images, modes).items  # type: ignore[arg-type]
-        for a, b in zip(want, got, strict=True):
-            np.testing.assert_allclose(b.probs, a.probs, atol=1e-5)
-            if a.attention is None:
-                assert b.attention is None
-            else:
-                np.testing.assert_allclose(b.attention, a.attention, atol=1e-5)
+        assert_same_items(want, got)
     # One graph per set of captured blocks: none, the last one, all of them.
     depth = len(scripted.model.blocks)  # type: ignore[arg-type]
     assert set(scripted._graphs) <= {(), (depth - 1,), tuple(range(depth))}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-__all__ = ["TINY_ARGS", "encode", "make_tiny_dir", "tiny_model"]
+__all__ = ["TINY_ARGS", "assert_same_items", "encode", "make_tiny_dir", "tiny_model"]
 
 # Small enough to build in milliseconds; 32 px input, patch 8 -> grid 4x4.
 TINY_ARGS: dict[str, Any] = {
@@ -87,3 +88,18 @@ def assert_same_answer(one: dict[str, Any], two: dict[str, Any], atol: float = 1
         atol=atol,
     )
     np.testing.assert_allclose(one["attention"]["weights"], two["attention"]["weights"], atol=atol)
+
+
+def assert_same_items(
+    want: Sequence[Any], got: Sequence[Any], atol: float = 1e-5, atol_attention: float | None = None
+) -> None:
+    """Two runs of the model over the same images (``ItemResult``s or ``Outcome``s): the
+    probabilities within ``atol``, the attention maps within ``atol_attention`` (default
+    ``atol``), and an attention map exactly where one was asked for."""
+    assert len(want) == len(got)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_allclose(b.probs, a.probs, atol=atol)
+        if a.attention is None:
+            assert b.attention is None
+        else:
+            np.testing.assert_allclose(b.attention, a.attention, atol=atol_attention or atol)

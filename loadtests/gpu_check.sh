@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU host, no network. STEPS picks what runs, in this order:
-#   tests     the CUDA tests (tests/unit/test_gpu.py), ~15 s
-#   bench     python -m loadtests.bench gpu: vit_base bf16 served vs offline, nvJPEG vs Pillow,
-#             the served device-decode check (with the bad uploads' statuses), ~3 min
+#   tests     the CUDA tests (tests/unit/test_gpu.py: CUDA graphs vs eager on the digits and a
+#             random ViT-B, every bucket, the preprocessing stream), ~1 min
+#   bench     python -m loadtests.bench gpu: vit_base bf16 offline per batch size (eager and
+#             CUDA graphs), served at 1/64/256 clients, /classify_batch, an open loop at 70 %
+#             of capacity, eager and two model processes at 256 clients, nvJPEG vs Pillow, the
+#             served device-decode check (with the bad uploads' statuses), ~4 min
 #   decode    that served device-decode check alone (when bench is not run), ~40 s
 #   transport tests/unit/test_transport.py, ~15 s
-#   overload  python -m loadtests.overload --pin: ours and the peer, server and generator on
-#             CPUs of their own, ~3 min; skipped once BUDGET_S - 100 s are spent
-# Default: tests bench transport overload (~7 min). Expects the Python wheels the host lacks in
+#   overload  python -m loadtests.overload --pin --servers vit-serve: goodput at 2x and 5x of
+#             capacity, server and generator on CPUs of their own, ~1.5 min
+#   compile   python -m loadtests.bench gpu-compile: torch.compile max-autotune of the served
+#             forward pass at batch 1 and 32 (images/s, compile time), with what time is left
+# A step is skipped once too little of BUDGET_S is left for it.
+# Default: tests bench overload compile (under 8 min). Expects the Python wheels the host lacks in
 # .gpu/whl and, where it can be had, wrk in .gpu/bin with its library in .gpu/lib (docs/BENCHMARKS.md
 # says how); without wrk, bench.py's asyncio client runs in several processes. Results go to $OUT.
 set -uo pipefail
 OUT=${OUT:-results/gpu}
-STEPS=" ${STEPS:-tests bench transport overload} "
+STEPS=" ${STEPS:-tests bench overload compile} "
 BUDGET_S=${BUDGET_S:-480}
 mkdir -p "$OUT"
 started=$SECONDS
 has() { [[ $STEPS == *" $1 "* ]]; }
+left() { echo $((BUDGET_S - (SECONDS - started))); }
+# has STEP NEEDED_S: the step is asked for and at least NEEDED_S seconds are left.
+fits() { has "$1" && { (($(left) >= $2)) || { echo "$1 skipped: $(left) s left" | tee -a "$OUT/gpu.txt"; false; }; }; }
 shopt -s nullglob
 wheels=(.gpu/whl/*.whl)
 if ((${#wheels[@]})); then
@@ -38,11 +47,11 @@ print(torch.__version__, torchvision.__version__, timm.__version__, bentoml.__ve
 } 2>&1 | tee "$OUT/gpu.txt"
 # Each step has its own cap, so one that hangs leaves time for the rest.
 if has tests; then
-  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/test_gpu.py 2>&1 \
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_gpu.py 2>&1 \
     | tee "$OUT/tests.txt"
 fi
 if has bench; then
-  timeout 240 python3 -m loadtests.bench gpu --seconds "${BENCH_SECONDS:-5}" 2>&1 \
+  timeout 330 python3 -m loadtests.bench gpu --seconds "${BENCH_SECONDS:-5}" 2>&1 \
     | tee "$OUT/bench.txt"
   cp results/bench-gpu.json results/bench-gpu.md "$OUT/" 2>/dev/null
 elif has decode; then
@@ -54,14 +63,14 @@ if has transport; then
   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/unit/test_transport.py 2>&1 \
     | tee -a "$OUT/tests.txt"
 fi
-if has overload; then
-  if ((SECONDS - started < BUDGET_S - 100)); then
-    timeout $((BUDGET_S - (SECONDS - started))) python3 -m loadtests.overload --pin \
-      --seconds "${OVERLOAD_SECONDS:-5}" 2>&1 | tee "$OUT/overload.txt"
-    cp results/overload-pinned.json "$OUT/" 2>/dev/null
-  else
-    echo "overload drill skipped: $((SECONDS - started)) s spent" | tee -a "$OUT/gpu.txt"
-  fi
+if fits overload 100; then
+  timeout "$(left)" python3 -m loadtests.overload --pin --servers vit-serve \
+    --seconds "${OVERLOAD_SECONDS:-5}" 2>&1 | tee "$OUT/overload.txt"
+  cp results/overload-pinned.json "$OUT/" 2>/dev/null
+fi
+if fits compile 60; then
+  timeout "$(left)" python3 -m loadtests.bench gpu-compile 2>&1 | tee "$OUT/compile.txt"
+  cp results/bench-gpu-compile.json "$OUT/" 2>/dev/null
 fi
 echo "gpu_check: $((SECONDS - started)) s" | tee -a "$OUT/gpu.txt"
 exit 0

@@ -428,7 +428,7 @@ class Engine:
         same_size = len(set(heights)) == 1 and len(set(widths)) == 1
         if all(isinstance(img, np.ndarray) for img in images):
             if same_size:  # one copy, no per-image slicing
-                host = np.stack(images)  # type: ignore[arg-type]
+                host = np.stack(images)
             else:
                 host = np.empty((len(images), canvas_h, canvas_w, 3), dtype=np.uint8)
                 _fill_canvas(host, images)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +25,7 @@ from ..errors import ApiError
 from ..metrics import Metrics
 from ..model.engine import Outcome, Work
 from ..model.imaging import (
+    ALLOWED_FORMATS,
     DecodedImage,
     ImageLimits,
     decode_image,
@@ -98,7 +101,26 @@ class Pipeline:
             min_side=settings.min_side,
             max_aspect_ratio=settings.max_aspect_ratio,
         )
+        self._threads = decode_threads
         self._pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="vit-decode")
+
+    def warm(self) -> None:
+        """Before the worker listens: decode a small image of every accepted format here (the
+        path small uploads take) and on each decode thread (started now, all of them), so no
+        request pays for a decoder's or a thread's first use."""
+        samples = _warm_samples()
+        threads = self._threads
+        barrier = threading.Barrier(threads)
+
+        def decode_all(wait: bool) -> None:
+            if wait:  # every thread holds one task at once: the pool starts them all
+                barrier.wait(timeout=10)
+            for data in samples:
+                decode_image(data, min_short_side=1, limits=self.limits)
+
+        decode_all(wait=False)
+        for future in [self._pool.submit(decode_all, True) for _ in range(threads)]:
+            future.result()
 
     def close(self) -> None:
         """Stop the decode threads."""
@@ -205,3 +227,16 @@ class Pipeline:
 
 
 _LOST = ApiError(500, "inference_failed", "The model gave no answer for this image.")
+
+
+def _warm_samples() -> list[bytes]:
+    """A 16x16 picture in each accepted format (``Pipeline.warm``)."""
+    from PIL import Image
+
+    pixels = np.linspace(0, 255, 16 * 16 * 3).astype(np.uint8).reshape(16, 16, 3)
+    samples = []
+    for fmt in sorted(ALLOWED_FORMATS):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format=fmt)
+        samples.append(buffer.getvalue())
+    return samples

@@ -64,8 +64,9 @@ class HttpWorker:
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Before the worker listens: load the model or connect to it."""
+        """Before the worker listens: load the model or connect to it, warm the decoders."""
         await self.backend.start()
+        self.pipeline.warm()
 
     async def is_ready(self) -> bool:
         """``/readyz``: the model is ready, and this process is not stopping."""

@@ -127,6 +127,22 @@ def machine() -> dict[str, Any]:
 # --- offline --------------------------------------------------------------------------------
 
 
+def _rate(
+    step: Any, batch: int, device: Any, seconds: float, *, warm: int = 2, min_batches: int = 4
+) -> float:
+    """Images/s of ``step()`` (one batch of ``batch`` images), after ``warm`` calls; at least
+    ``seconds`` and ``min_batches`` calls."""
+    for _ in range(warm):
+        step()
+    _sync(device)
+    started, images = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds or images < min_batches * batch:
+        step()
+        images += batch
+    _sync(device)
+    return images / (time.perf_counter() - started)
+
+
 def offline_throughput(
     source: str,
     dtype: str,
@@ -146,14 +162,8 @@ def offline_throughput(
     for batch in batch_sizes:
         x = torch.randn(batch, *info.input_size, device=param.device, dtype=param.dtype)
         with torch.inference_mode():
-            model(x)
-            _sync(param.device)
-            started, images = time.perf_counter(), 0
-            while time.perf_counter() - started < seconds or images < 2 * batch:
-                model(x)
-                images += batch
-            _sync(param.device)
-        rates[batch] = images / (time.perf_counter() - started)
+            rates[batch] = _rate(lambda x=x: model(x), batch, param.device, seconds,
+                                 warm=1, min_batches=2)  # fmt: skip
     return rates
 
 
@@ -1068,19 +1078,6 @@ def decode_rates(
 def _answered_per_s(load: Load) -> float:
     """Requests answered 2xx per second (a fast 503 must not count as served)."""
     return (load.requests - (load.non2xx or 0)) / load.seconds if load.seconds else 0.0
-
-
-def _rate(step: Any, batch: int, device: Any, seconds: float) -> float:
-    """Images/s of ``step()`` (one batch of ``batch`` images), after two warm calls."""
-    for _ in range(2):
-        step()
-    _sync(device)
-    started, images = time.perf_counter(), 0
-    while time.perf_counter() - started < seconds or images < 4 * batch:
-        step()
-        images += batch
-    _sync(device)
-    return images / (time.perf_counter() - started)
 
 
 def offline_gpu(

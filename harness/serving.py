@@ -169,6 +169,9 @@ def serve(
         # Pass BENTOML_HOME in env to serve a 'bento:' model from the real store.
         "BENTOML_HOME": str(log_dir / f"bentoml-home-{port}"),
         "VIT_GRPC_PORT": str(grpc_port),
+        # A server started here is measured or counted: a repeated upload must reach the
+        # model, so the response cache is off unless ``env`` turns it on.
+        "VIT_CACHE_BYTES": "0",
         **env,
     }
     command = [sys.executable, "-m", "bentoml", "serve", "service.service:VitClassifier",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,11 +25,13 @@ from .link.client import ModelClient
 from .link.wire import ipc_endpoint
 from .metrics import Metrics
 from .model.engine import Outcome, Work
-from .model.loading import ModelInfo
+from .model.loading import ModelInfo, ModelLoadError, parse_source
 from .model.runner import ModelRunner, settle_heap
 from .runtime.plan import Plan
-from .runtime.runfolder import ReadyMarks
+from .runtime.runfolder import ReadyMarks, run_folder
 from .runtime.settings import Settings
+from .runtime.swaps import POLL_S as SWAP_POLL_S
+from .runtime.swaps import NoCanary, Served, Serving, SwapBoard, SwapBusy, SwapFailed
 
 __all__ = [
     "FIRST_CONTACT_S",
@@ -47,6 +49,13 @@ _logger = logging.getLogger(__name__)
 FIRST_CONTACT_S = 5.0
 # The same wait for a worker's first readiness probe, kept within a probe's timeout (2 s).
 READY_CONTACT_S = 1.0
+
+_ELSEWHERE_CANNOT = ApiError(
+    501,
+    "not_supported",
+    "The model servers run elsewhere (VIT_MODEL_ENDPOINTS): load a version through each model "
+    "server's own API, or roll them (a rolling update).",
+)
 
 
 class Backend(Protocol):
@@ -82,11 +91,32 @@ class Backend(Protocol):
     def arriving(self, count: int) -> contextlib.AbstractContextManager[None]:
         """Announce ``count`` images being read and decoded, so an idle model waits for them."""
 
-    async def infer(self, works: Sequence[Work]) -> list[Outcome | ApiError]:
-        """The model's answer per image (raises ApiError for the whole request)."""
+    async def infer(
+        self, works: Sequence[Work], version: str | None = None
+    ) -> list[Outcome | ApiError]:
+        """The model's answer per image (raises ApiError for the whole request), from
+        ``version`` (``route``'s choice) while it serves."""
 
     def runtime(self) -> dict[str, Any]:
         """Facts about where the model runs, for ``GET /model``."""
+
+    def route(self, key: str | None = None) -> ModelInfo:
+        """The version a request with client ``key`` goes to (``infer`` takes its version)."""
+
+    def versions(self) -> set[str]:
+        """The versions serving now (a stable one, and maybe a canary)."""
+
+    def repository(self) -> list[dict[str, Any]]:
+        """Each version serving: name, version, its percent of the traffic."""
+
+    async def load_version(self, source: str, percent: int = 100) -> dict[str, Any]:
+        """Put ``source`` in service as the model's next version in every process that serves
+        it, alone or as a canary taking ``percent``; returns once all have switched (raises
+        ApiError when it cannot)."""
+
+    async def set_traffic(self, percent: int) -> dict[str, Any]:
+        """Give the canary ``percent`` of the traffic everywhere (100 promotes it, 0 retires
+        it)."""
 
     async def close(self) -> None:
         """Stop: queued callers are failed."""
@@ -118,22 +148,75 @@ class LocalBackend(ModelRunner):
         super().__init__(settings, metrics, device=device, threads=threads)
         self._index = index
         self._marks = marks
+        self._swaps = SwapBoard(marks.folder or run_folder(), marks.replicas)
+        self._following: Any = None
         self._on_load_failure = on_load_failure
 
     async def start(self) -> None:
         """Load in the background. A replica restarted beside warm ones loads before it
         listens (uvicorn listens once the startup hooks return), so it takes no request it
         would answer ``not_ready``. At the server's start no one is warm: all listen at once
-        (probes must answer) and ``/readyz`` stays 503 until every replica is warm."""
+        (probes must answer) and ``/readyz`` stays 503 until every replica is warm. Once
+        loaded, it follows the server's changes (``service/runtime/swaps.py``); a replica
+        restarted after one loads what the others serve (a canary once it is ready)."""
         index = self._index
+        served = self._swaps.served() or self._configured()
+
+        def ready() -> None:
+            self._marks.mark(index)
+            self._following = asyncio.run_coroutine_threadsafe(self._follow(), loop)
+
+        loop = asyncio.get_running_loop()
         self.start_loading(
-            on_ready=lambda: self._marks.mark(index), on_failure=self._on_load_failure
+            on_ready=ready,
+            on_failure=self._on_load_failure,
+            served=served,
         )
         if not self._marks.others_ready(index):
             return
         _logger.info("a warm replica is serving: loading before listening")
         while not self.settled:
             await asyncio.sleep(0.05)
+
+    def _configured(self) -> Served | None:
+        """A canary set at start (``VIT_CANARY_MODEL``), beside ``VIT_MODEL``."""
+        settings = self.settings
+        if not settings.canary_model:
+            return None
+        stable, canary = Serving("1", settings.model), Serving("2", settings.canary_model)
+        return Served(stable, canary, settings.canary_percent, latest=2)
+
+    async def _follow(self) -> None:
+        """Act on the server's changes, as long as this replica serves."""
+        while True:
+            try:
+                await self._swaps.follow(self._index, self)
+            except Exception:
+                _logger.exception("following a model change failed")
+            await asyncio.sleep(SWAP_POLL_S)
+
+    async def load_version(self, source: str, percent: int = 100) -> dict[str, Any]:
+        if not self.ready:
+            raise self._not_ready()
+        timeout_s = self.settings.load_timeout_s
+        board, served = self._swaps, _served_now(self.info, self.canary)
+        return await _change(board.load(_checked(source), served, timeout_s, percent), served)
+
+    async def set_traffic(self, percent: int) -> dict[str, Any]:
+        if not self.ready:
+            raise self._not_ready()
+        timeout_s = self.settings.load_timeout_s
+        served = _served_now(self.info, self.canary)
+        return await _change(self._swaps.traffic(percent, served, timeout_s), served)
+
+    def repository(self) -> list[dict[str, Any]]:
+        info, canary = self.info, self.canary
+        if canary is None:
+            return [{"name": info.name, "version": info.version, "traffic_percent": 100}]
+        return [
+            {"name": info.name, "version": info.version, "traffic_percent": 100 - canary[1]},
+            {"name": info.name, "version": canary[0].version, "traffic_percent": canary[1]},
+        ]
 
     async def is_ready(self) -> bool:
         return self.ready and self._marks.started()
@@ -145,12 +228,34 @@ class LocalBackend(ModelRunner):
         return {}
 
     async def close(self) -> None:
+        if self._following is not None:
+            self._following.cancel()
         await self.aclose()
 
 
 class RemoteBackend(ModelClient):
     """``split``: the model processes, over the link; ready when every one of this server's own
-    model processes is (or, for model servers elsewhere, any one)."""
+    model processes is (or, for model servers elsewhere, any one). A load or a change of
+    traffic goes through this server's swap board, which its model processes follow.
+
+    Args:
+        load_timeout_s: ``VIT_LOAD_TIMEOUT_S``; run_folder: the server's (default: found).
+        See ``ModelClient`` for the rest.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        metrics: Metrics,
+        need_all: bool = True,
+        *,
+        queue_bound: int,
+        load_timeout_s: float = 600.0,
+        run_folder: Path | None = None,
+    ) -> None:
+        super().__init__(endpoints, metrics, need_all, queue_bound=queue_bound)
+        self.load_timeout_s = load_timeout_s
+        self._run_folder = run_folder
 
     async def start(self) -> None:
         self.connect()
@@ -168,8 +273,55 @@ class RemoteBackend(ModelClient):
     def runtime(self) -> dict[str, Any]:
         return {"model_processes": list(self.processes.values())}
 
+    def _board(self) -> SwapBoard:
+        """This server's swap board, its model processes the replicas that follow it."""
+        if not self.need_all:  # model servers elsewhere: no run folder to share with them
+            raise _ELSEWHERE_CANNOT
+        return SwapBoard(self._run_folder or run_folder(), len(self.endpoints))
+
+    async def load_version(self, source: str, percent: int = 100) -> dict[str, Any]:
+        board, served = self._board(), _served_now(self.info, self.canary)
+        work = board.load(_checked(source), served, self.load_timeout_s, percent)
+        return await _change(work, served)
+
+    async def set_traffic(self, percent: int) -> dict[str, Any]:
+        board, served = self._board(), _served_now(self.info, self.canary)
+        return await _change(board.traffic(percent, served, self.load_timeout_s), served)
+
     async def close(self) -> None:
         await self.aclose()
+
+
+def _served_now(info: ModelInfo, canary: tuple[ModelInfo, int] | None) -> Served:
+    """What serves now, as the swap board writes it."""
+    stable = Serving(info.version, info.source)
+    if canary is None:
+        return Served(stable, name=info.name)
+    return Served(stable, Serving(canary[0].version, canary[0].source), canary[1], name=info.name)
+
+
+def _checked(source: str) -> str:
+    """``source``, if it is one a model can be loaded from (400 ``invalid_source`` if not)."""
+    try:
+        parse_source(source)
+    except ModelLoadError as exc:
+        raise ApiError(400, "invalid_source", str(exc)) from None
+    return source
+
+
+async def _change(change: Awaitable[dict[str, Any]], served: Served) -> dict[str, Any]:
+    """A change on the swap board, its refusals in our shape."""
+    try:
+        done = await change
+    except SwapBusy as exc:
+        raise ApiError(409, "load_in_progress", str(exc)) from None
+    except NoCanary as exc:
+        raise ApiError(409, "no_canary", str(exc)) from None
+    except SwapFailed as exc:
+        versions = [served.stable.version] + ([served.canary.version] if served.canary else [])
+        message = f"{exc} Version {', '.join(versions)} serves on."
+        raise ApiError(400, "load_failed", message) from None
+    return {"name": served.name, **done}
 
 
 def create_backend(
@@ -197,6 +349,8 @@ def create_backend(
             metrics,
             need_all=not given,  # model servers elsewhere: ready while any one of them serves
             queue_bound=settings.max_queue_images,
+            load_timeout_s=settings.load_timeout_s,
+            run_folder=run_folder,
         )
     return LocalBackend(
         settings,

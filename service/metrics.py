@@ -42,6 +42,9 @@ class Metrics:
     queue_depth: Any
     model_info: Any
     gpu_memory: Any
+    cache_lookups: Any
+    cache_bytes: Any
+    version_images: Any
 
     def __post_init__(self) -> None:
         # Label lookups cost more than the observations: each stage's child is resolved once,
@@ -129,8 +132,8 @@ def create_metrics(max_batch_size: int, registry: Any = None) -> Metrics:
         ),
         model_info=prom.Gauge(
             "vit_model_info",
-            "The loaded model (value 1).",
-            ["model", "source", "dtype", "device"],
+            "The model version a process serves (value 1; 0 once a newer one replaced it).",
+            ["model", "version", "source", "dtype", "device"],
             multiprocess_mode="liveall",
             registry=registry,
         ),
@@ -138,6 +141,24 @@ def create_metrics(max_batch_size: int, registry: Any = None) -> Metrics:
             "vit_gpu_memory_bytes",
             "CUDA memory held by PyTorch.",
             ["kind"],
+            multiprocess_mode="livesum",
+            registry=registry,
+        ),
+        cache_lookups=prom.Counter(
+            "vit_cache_lookups",
+            "Images looked up in the response cache: 'hit' (answered from it) or 'miss'.",
+            ["result"],
+            registry=registry,
+        ),
+        version_images=prom.Counter(
+            "vit_version_images",
+            "Images answered, by the model and the version that answered (a canary's share).",
+            ["model", "version"],
+            registry=registry,
+        ),
+        cache_bytes=prom.Gauge(
+            "vit_cache_bytes",
+            "Bytes the response caches hold (all HTTP workers).",
             multiprocess_mode="livesum",
             registry=registry,
         ),

@@ -30,8 +30,10 @@ from .model.runner import ModelRunner
 from .runtime.drain import DRAIN, draining
 from .runtime.plan import Plan, plan_for
 from .runtime.runfolder import report_failure
+from .runtime.runfolder import run_folder as folder
 from .runtime.server import install
 from .runtime.settings import Settings, load_settings
+from .runtime.swaps import SwapBoard
 from .web.admission import ENDPOINTS
 from .web.routes import Front
 from .web.worker import HttpWorker
@@ -57,6 +59,12 @@ def build(
         run_folder: where replicas keep their ready marks (default: the server's run folder).
     """
 
+    if settings.canary_model and plan.topology == "split":
+        raise ValueError(
+            f"VIT_CANARY_MODEL needs the replicas topology; this host's plan is split "
+            f"({plan.reason}): set VIT_TOPOLOGY=replicas or leave VIT_CANARY_MODEL empty"
+        )
+
     def stop_or_serve(error: str) -> bool:
         """A model could not load: end the server (``VIT_ON_LOAD_FAILURE=exit``, after the
         runner logged the error) or keep serving the error. Returns whether to keep serving."""
@@ -72,9 +80,11 @@ def build(
         if server_context.worker_index is not None:
             report_failure(error)
 
+    workers = max(1, len(plan.devices))
+
     @bentoml.service(
         name="vit-model",
-        workers=max(1, len(plan.devices)),
+        workers=workers,
         traffic={"timeout": settings.request_timeout_s},
         logging={"access": {"enabled": False}},
     )
@@ -89,12 +99,17 @@ def build(
             metrics = create_metrics(settings.max_batch_size, registry)
             self.runner = ModelRunner(settings, metrics, device=device, threads=plan.torch_threads)
             runtime = {"pid": os.getpid(), "device": device, "torch_threads": plan.torch_threads}
+            # This server's own model processes follow its swap board (a model server run on
+            # its own, VIT_MODEL_BIND, has no HTTP workers beside it to share one with).
+            board = None if settings.model_bind else SwapBoard(run_folder or folder(), workers)
             self.server = ModelServer(
                 self.runner,
                 settings.model_bind or ipc_endpoint(index),
                 runtime,
                 on_load_failure=stop_or_serve,
                 on_bind_failure=stop,
+                swaps=board,
+                index=index,
             )
             self.server.start()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -30,6 +31,7 @@ from ..errors import ApiError, not_ready
 from ..metrics import Metrics
 from ..model.engine import Outcome, Work
 from ..model.loading import ModelInfo
+from ..runtime.swaps import takes_canary
 from . import wire
 from .server import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS
 
@@ -99,6 +101,9 @@ class ModelClient:
         self.warmup_ms = 0.0
         self.load_error: str | None = None
         self._info: ModelInfo | None = None
+        self._canary: ModelInfo | None = None  # a second version the model processes serve
+        self._percent = 0  # and its share of the requests
+        self._versions: dict[str, ModelInfo] = {}  # every version heard of, for the answers
         self._on_device = False
         self._links: list[_Link] = []
         self._ids = itertools.count()
@@ -176,6 +181,31 @@ class ModelClient:
             raise not_ready("No model process is reachable yet; retry shortly.")
         return self._info
 
+    def route(self, key: str | None = None) -> ModelInfo:
+        """The version a request with client ``key`` goes to, by the rule the model processes
+        route by (``takes_canary``); ``infer`` sends it along."""
+        canary = self._canary
+        if canary is not None and takes_canary(key, self._percent):
+            return canary
+        return self.info
+
+    @property
+    def canary(self) -> tuple[ModelInfo, int] | None:
+        """The canary version the model processes serve and its percent, if there is one."""
+        return None if self._canary is None else (self._canary, self._percent)
+
+    def versions(self) -> set[str]:
+        """The versions the model processes serve, as they last said."""
+        return {self.info.version} | (set() if self._canary is None else {self._canary.version})
+
+    def repository(self) -> list[dict[str, Any]]:
+        """Each version serving, with its percent of the requests."""
+        info, canary, percent = self.info, self._canary, self._percent
+        rows = [{"name": info.name, "version": info.version, "traffic_percent": 100 - percent}]
+        if canary is not None:
+            rows.append({"name": info.name, "version": canary.version, "traffic_percent": percent})
+        return rows
+
     @property
     def decodes_on_device(self) -> bool:
         """Whether the model processes decode JPEGs on their device."""
@@ -230,10 +260,15 @@ class ModelClient:
         link.reported, link.reported_at, link.sent_since = 0, -math.inf, 0
 
     # --- requests --------------------------------------------------------------------------
-    async def infer(self, works: Sequence[Work]) -> list[Outcome | ApiError]:
-        """Send ``works`` (with whatever else this worker sends this loop turn) and wait."""
+    async def infer(
+        self, works: Sequence[Work], version: str | None = None
+    ) -> list[Outcome | ApiError]:
+        """Send ``works`` (with whatever else this worker sends this loop turn) and wait;
+        ``version``: the one ``route`` chose, sent along while a canary serves."""
         if not works:
             return []
+        if version is not None and self._canary is not None:
+            works = [dataclasses.replace(work, version=version) for work in works]
         if self.load_error is not None:
             raise ApiError(503, "load_failed", self.load_error)
         if not any(link.up for link in self._links):
@@ -303,7 +338,8 @@ class ModelClient:
                 elif header.get("op") == "info":
                     self._learn(link, wire.decode_info(header))
                 else:
-                    reply = wire.decode_reply(header, [frame.buffer for frame in frames[1:]])
+                    buffers = [frame.buffer for frame in frames[1:]]
+                    reply = wire.decode_reply(header, buffers, self._versions)
                     self._deliver(link, reply, received)
             except Exception:
                 _logger.exception("malformed reply from %s; dropped", link.endpoint)
@@ -312,7 +348,10 @@ class ModelClient:
         if said.info is None:
             self.load_error = said.load_error
         else:
-            self._info = said.info
+            self._info, self._canary, self._percent = said.info, said.canary, said.percent
+            for info in (said.info, said.canary):
+                if info is not None:
+                    self._versions[info.version] = info
             self.warmup_ms = said.warmup_ms
             self._on_device = said.decodes_on_device
             self.processes[link.endpoint] = said.runtime or {}

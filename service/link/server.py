@@ -24,7 +24,9 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from ..errors import ApiError, load_failed
-from ..model.runner import ModelRunner
+from ..model.runner import ModelRunner, Outcome, Work
+from ..runtime.swaps import POLL_S as SWAP_POLL_S
+from ..runtime.swaps import SwapBoard
 from . import wire
 
 __all__ = ["HEARTBEAT_IVL_MS", "HEARTBEAT_TIMEOUT_MS", "ModelServer"]
@@ -48,6 +50,8 @@ class ModelServer:
             serve the error (else the thread ends: the server is being stopped).
         on_bind_failure: called with the error when the endpoint cannot be bound (nothing can
             be served: the server should stop).
+        swaps: the server's swap board (this server's own model processes): the model loads
+            what it says is served, and follows its changes; ``index``: this process's.
     """
 
     def __init__(
@@ -57,8 +61,13 @@ class ModelServer:
         runtime: dict[str, Any],
         on_load_failure: Callable[[str], bool] | None = None,
         on_bind_failure: Callable[[str], object] | None = None,
+        swaps: SwapBoard | None = None,
+        index: int = 0,
     ) -> None:
         self.runner = runner
+        self.swaps = swaps
+        self.index = index
+        runner.on_change = self._announce
         self.endpoint = endpoint
         self.runtime = runtime
         self.on_load_failure = on_load_failure
@@ -102,7 +111,7 @@ class ModelServer:
 
     def _main(self) -> None:
         try:
-            self.runner.load()
+            self.runner.load(None if self.swaps is None else self.swaps.served())
         except Exception:
             # Logged by the runner. Serve the error to the HTTP workers unless the failure
             # handler ends the server.
@@ -135,6 +144,8 @@ class ModelServer:
             asyncio.ensure_future(self._receive(sock)),
             asyncio.ensure_future(self._count_peers(monitor)),
         ]
+        if self.swaps is not None and self.runner.load_error is None:
+            loops.append(asyncio.ensure_future(self._follow(self.swaps)))
         await self._stop.wait()
         for task in loops:
             task.cancel()
@@ -142,6 +153,25 @@ class ModelServer:
                 await task
         await self.runner.aclose()
         context.destroy(linger=0)
+
+    async def _follow(self, board: SwapBoard) -> None:
+        """Act on the server's model changes (``service/runtime/swaps.py``)."""
+        while True:
+            try:
+                await board.follow(self.index, self.runner)
+            except Exception:
+                _logger.exception("following a model change failed")
+            await asyncio.sleep(SWAP_POLL_S)
+
+    def _announce(self) -> None:
+        """The versions serving changed: tell every HTTP worker heard from, now, before any
+        answer from a new version leaves (ZeroMQ keeps each peer's order)."""
+        if self._sock is None:
+            return
+        info = self._info()
+        for identity in self._senders:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.send_multipart([identity, info], flags=zmq.NOBLOCK)
 
     async def _count_peers(self, monitor: zmq.asyncio.Socket) -> None:
         while True:
@@ -203,7 +233,7 @@ class ModelServer:
             _logger.exception("malformed message from an HTTP worker; dropped")
             return
         try:
-            results = await runner.infer(works)
+            results = await self._infer(works)
         except ApiError as exc:
             failed = wire.encode_failure(header["id"], exc, **self._queue_report())
             await sock.send_multipart([identity, failed])
@@ -216,6 +246,23 @@ class ModelServer:
         )
         await sock.send_multipart([identity, *reply], copy=False)
 
+    async def _infer(self, works: list[Work]) -> list[Outcome | ApiError]:
+        """Each work by the version its HTTP worker routed it to (one call per version)."""
+        versions = {work.version for work in works}
+        if len(versions) == 1:
+            return await self.runner.infer(works, versions.pop())
+        groups: dict[str | None, list[int]] = {}
+        for index, work in enumerate(works):
+            groups.setdefault(work.version, []).append(index)
+        answers = await asyncio.gather(
+            *(self.runner.infer([works[i] for i in idx], v) for v, idx in groups.items())
+        )
+        results: list[Outcome | ApiError] = [None] * len(works)  # type: ignore[list-item]
+        for idx, answer in zip(groups.values(), answers, strict=True):
+            for i, result in zip(idx, answer, strict=True):
+                results[i] = result
+        return results
+
     def _info(self) -> bytes:
         runner = self.runner
         if runner.load_error is not None:
@@ -225,6 +272,7 @@ class ModelServer:
             warmup_ms=runner.warmup_ms,
             decodes_on_device=runner.decodes_on_device,
             runtime={**self.runtime, "forward": runner.forward_kind},
+            canary=runner.canary,
         )
 
     def _queue_report(self) -> dict[str, int]:

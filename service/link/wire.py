@@ -10,16 +10,20 @@ HTTP worker -> model process:
 - ``{"op": "info"}``: ask for the model's metadata (sent once connected).
 - ``{"id", "items": [{"mode", "shape": [h, w, 3]} | {"mode", "jpeg": 1}, ...]}``: images to
   classify, then per item its uint8 HWC pixels or its JPEG bytes (``mode``: the attention
-  wanted, ``none``/``cls``/``rollout``).
+  wanted, ``none``/``cls``/``rollout``; ``v``, when set: the version the HTTP worker routed it
+  to, while a canary serves).
 - ``{"op": "bye"}``: the answer to the model process's farewell: nothing more will come.
 
 Model process -> HTTP worker:
 
-- ``{"op": "info", "info": {...ModelInfo}, "warmup_ms", "decodes_on_device", "runtime"}``; or
-  ``{"op": "info", "load_error": "..."}`` when the model could not load.
+- ``{"op": "info", "info": {...ModelInfo}, "warmup_ms", "decodes_on_device", "runtime",
+  "canary": {...ModelInfo} | null, "percent"}``; or ``{"op": "info", "load_error": "..."}`` when
+  the model could not load. Sent on request, and unasked to every HTTP worker heard from when
+  the versions serving change (before any answer from a new version: ZeroMQ keeps the order).
 - ``{"id", "model_s", "queued", "bound", "items": [...]}``: per item either
-  ``{"batch", "ms", "q", "att": [rows, cols] | null}`` (the batch size it rode in, that batch's
-  inference milliseconds, its queue seconds, the attention map's shape), then its float32
+  ``{"batch", "ms", "q", "att": [rows, cols] | null, "v"}`` (the batch size it rode in, that
+  batch's inference milliseconds, its queue seconds, the attention map's shape, the version
+  that answered), then its float32
   probabilities frame and, when ``att`` is set, its float32 attention frame; or
   ``{"error": {...}}`` for an image the model refused (a JPEG the device could not decode).
   ``model_s`` is how long the model process held the message.
@@ -35,7 +39,7 @@ that report says the queue is full. An error is ``{"status", "code", "message", 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -85,12 +89,15 @@ def encode_request(message_id: int, works: Sequence[Work]) -> list[Any]:
     items: list[dict[str, Any]] = []
     frames: list[Any] = []
     for work in works:
+        item: dict[str, Any] = {"mode": work.mode}
+        if work.version is not None:
+            item["v"] = work.version
         if work.jpeg is not None:
-            items.append({"mode": work.mode, "jpeg": 1})
+            items.append(item | {"jpeg": 1})
             frames.append(work.jpeg)
         else:
             assert work.pixels is not None
-            items.append({"mode": work.mode, "shape": list(work.pixels.shape)})
+            items.append(item | {"shape": list(work.pixels.shape)})
             frames.append(np.ascontiguousarray(work.pixels))
     return [orjson.dumps({"id": message_id, "items": items}), *frames]
 
@@ -99,11 +106,12 @@ def decode_request(header: dict[str, Any], buffers: Sequence[memoryview]) -> lis
     """The works a request carries (pixels are views of the received frames, not copies)."""
     works = []
     for item, buffer in zip(header["items"], buffers, strict=True):
+        version = item.get("v")
         if item.get("jpeg"):
-            works.append(Work(mode=item["mode"], jpeg=bytes(buffer)))
+            works.append(Work(mode=item["mode"], jpeg=bytes(buffer), version=version))
         else:
             pixels = np.frombuffer(buffer, dtype=np.uint8).reshape(item["shape"])
-            works.append(Work(mode=item["mode"], pixels=pixels))
+            works.append(Work(mode=item["mode"], pixels=pixels, version=version))
     return works
 
 
@@ -137,8 +145,9 @@ def encode_reply(
             continue
         att = None if result.attention is None else list(result.attention.shape)
         items.append(
-            {"batch": result.batch_size, "ms": result.inference_ms, "q": result.queue_s, "att": att}
-        )
+            {"batch": result.batch_size, "ms": result.inference_ms, "q": result.queue_s, "att": att,
+             "v": None if result.model is None else result.model.version}
+        )  # fmt: skip
         frames.append(np.ascontiguousarray(result.probs, dtype=np.float32))
         if result.attention is not None:
             frames.append(np.ascontiguousarray(result.attention, dtype=np.float32))
@@ -159,8 +168,14 @@ def encode_failure(message_id: int, error: ApiError, *, queued: int, bound: int)
     )
 
 
-def decode_reply(header: dict[str, Any], buffers: Sequence[memoryview]) -> Reply:
-    """A reply's results (arrays are views of the received frames, not copies)."""
+def decode_reply(
+    header: dict[str, Any],
+    buffers: Sequence[memoryview],
+    versions: Mapping[str, ModelInfo] | None = None,
+) -> Reply:
+    """A reply's results (arrays are views of the received frames, not copies), each with
+    the ``ModelInfo`` of the version that answered where ``versions`` has it."""
+    known = versions or {}
     queued, bound = header.get("queued"), header.get("bound")
     if "error" in header:
         error = _error_from(header["error"])
@@ -175,7 +190,8 @@ def decode_reply(header: dict[str, Any], buffers: Sequence[memoryview]) -> Reply
         attention = None
         if item["att"] is not None:
             attention = np.frombuffer(next(frames), dtype=np.float32).reshape(item["att"])
-        results.append(Outcome(probs, attention, item["batch"], item["ms"], item["q"]))
+        model = known.get(item.get("v") or "")
+        results.append(Outcome(probs, attention, item["batch"], item["ms"], item["q"], model))
     return Reply(header["id"], results, None, header["model_s"], queued, bound)
 
 
@@ -189,12 +205,20 @@ class Info:
     warmup_ms: float = 0.0
     decodes_on_device: bool = False
     runtime: dict[str, Any] | None = None
+    canary: ModelInfo | None = None
+    percent: int = 0
 
 
 def encode_info(
-    info: ModelInfo, *, warmup_ms: float, decodes_on_device: bool, runtime: dict[str, Any]
+    info: ModelInfo,
+    *,
+    warmup_ms: float,
+    decodes_on_device: bool,
+    runtime: dict[str, Any],
+    canary: tuple[ModelInfo, int] | None = None,
 ) -> bytes:
-    """The answer to ``INFO`` from a model process whose model is loaded."""
+    """The answer to ``INFO`` from a model process whose model is loaded (``canary``: a
+    second version serving, and its percent of the requests)."""
     return orjson.dumps(
         {
             "op": "info",
@@ -202,6 +226,8 @@ def encode_info(
             "warmup_ms": warmup_ms,
             "decodes_on_device": decodes_on_device,
             "runtime": runtime,
+            "canary": None if canary is None else asdict(canary[0]),
+            "percent": 0 if canary is None else canary[1],
         }
     )
 
@@ -215,12 +241,15 @@ def decode_info(header: dict[str, Any]) -> Info:
     """An ``info`` answer."""
     if "load_error" in header:
         return Info(None, header["load_error"])
+    canary = header.get("canary")
     return Info(
         _model_info(header["info"]),
         None,
         header["warmup_ms"],
         header["decodes_on_device"],
         header["runtime"],
+        None if canary is None else _model_info(canary),
+        int(header.get("percent", 0)),
     )
 
 

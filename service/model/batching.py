@@ -103,6 +103,7 @@ class MicroBatcher(Generic[In, Out]):
         self._on_batch = on_batch
         self._queue: deque[_Pending[In, Out]] = deque()
         self._arriving = 0
+        self._held = 0  # requests submitted and not yet answered
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vit-model")
@@ -144,7 +145,17 @@ class MicroBatcher(Generic[In, Out]):
         pending = [_Pending[In, Out](item, loop.create_future()) for item in items]
         self._queue.extend(pending)
         self._notify()
-        return list(await asyncio.gather(*(p.future for p in pending)))
+        self._held += 1
+        try:
+            return list(await asyncio.gather(*(p.future for p in pending)))
+        finally:
+            self._held -= 1
+
+    async def drain(self, poll_s: float = 0.002) -> None:
+        """Return once every request submitted so far has its answer (new ones may still come:
+        stop sending them first)."""
+        while self._held:
+            await asyncio.sleep(poll_s)
 
     def _ensure_started(self) -> None:
         if self._task is None or self._task.done():

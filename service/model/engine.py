@@ -47,7 +47,7 @@ from ..runtime.settings import ATTENTION_MODES, AttentionMode
 from .geometry import crop_window
 from .graphs import BucketedForward, buckets_for
 from .imaging import ImageLimits, decode_image
-from .loading import LoadedModel
+from .loading import LoadedModel, ModelInfo
 
 __all__ = [
     "BatchResult",
@@ -77,6 +77,7 @@ class Work:
     mode: AttentionMode
     pixels: np.ndarray | None = None  # uint8 HWC
     jpeg: bytes | None = None
+    version: str | None = None  # over the link: the version the HTTP worker routed it to
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Outcome:
     batch_size: int  # images in the forward pass it rode in
     inference_ms: float  # that batch's device decode + preprocess + forward + attention
     queue_s: float  # from joining the queue to its batch starting
+    model: ModelInfo | None = None  # the version that answered, where the runner knows it
 
 
 # A decoded image: uint8 HWC, a numpy array (Pillow) or a tensor on the device (nvJPEG).
@@ -185,8 +187,10 @@ class Engine:
         self._blocks: list[Any] = list(self.model.blocks)  # type: ignore[arg-type]
         self._capture: list[torch.Tensor | None] = [None] * len(self._blocks)
         self._wanted = [False] * len(self._blocks)
-        for index, block in enumerate(self._blocks):
+        self._hooks = [
             block.attn.attn_drop.register_forward_hook(self._make_hook(index))
+            for index, block in enumerate(self._blocks)
+        ]
         self._script = script and self.device.type == "cpu" and self.dtype == torch.float32
         self._graphs: dict[tuple[int, ...], Any] = {}
         self._limits = limits or ImageLimits()
@@ -206,6 +210,17 @@ class Engine:
         )
         # Preprocessing's own stream: batch n+1 is prepared while batch n runs.
         self._prep_stream = torch.cuda.Stream(self.device) if cuda else None
+
+    def close(self) -> None:
+        """Let go of the model, after its last batch: the attention hooks and the graphs hold
+        this engine (reference cycles), so without this its memory would wait for a full
+        garbage collection; with it, it is freed as the last reference goes."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._graphs.clear()
+        self.bucketed = None
+        self._capture = [None] * len(self._blocks)
 
     @property
     def overlaps(self) -> bool:

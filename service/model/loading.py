@@ -89,6 +89,7 @@ class ModelInfo:
     num_params: int
     device: str
     dtype: str
+    version: str = "1"  # which version of the served model this is (a load adds one)
 
     @property
     def sequence_length(self) -> int:

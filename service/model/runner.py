@@ -10,10 +10,15 @@ way it writes the batch-side metrics.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
+import dataclasses
 import gc
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,14 +28,18 @@ import torch
 from ..errors import ApiError, load_failed, not_ready, overloaded
 from ..metrics import Metrics
 from ..runtime.settings import Settings
+from ..runtime.swaps import Served, Serving, takes_canary
 from .batching import BatchStats, FileGate, Gate, MicroBatcher, Overloaded
 from .engine import Outcome, Work
 from .imaging import ImageLimits
 from .loading import ModelInfo, ModelLoadError, load_model
 
-__all__ = ["ModelRunner", "Outcome", "Work", "settle_heap"]
+__all__ = ["ModelRunner", "Outcome", "Work", "load_message", "release_memory", "settle_heap"]
 
 _logger = logging.getLogger(__name__)
+
+# The CPU priority of a version loading beside the one serving (19: the lowest).
+LOAD_NICENESS = 19
 
 
 def settle_heap() -> None:
@@ -39,6 +48,39 @@ def settle_heap() -> None:
     walks them all mid-request: one replica's p99 at 16 clients went from ~270 ms to ~50 ms."""
     gc.collect()
     gc.freeze()
+
+
+def release_memory() -> None:
+    """Give a dropped model's memory back (its engine closed, so reference counting freed it):
+    the young objects collected, the C heap's free pages returned to the system (glibc keeps
+    them otherwise, and RSS would not fall) and CUDA's cached blocks released. No full
+    collection: it would walk the whole frozen heap with the GIL held, mid-traffic."""
+    gc.collect(1)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)
+
+
+def load_message(exc: Exception) -> str:
+    """What a failed load says: a ModelLoadError's own words, else the exception's kind too."""
+    message = str(exc)
+    if not isinstance(exc, ModelLoadError):
+        message = f"{type(exc).__name__}: {message}"
+    return message if message.endswith(".") else f"{message}."
+
+
+# A version in service: its engine and its batcher.
+_Version = tuple[Any, MicroBatcher[Work, Any]]
 
 
 class ModelRunner:
@@ -60,6 +102,10 @@ class ModelRunner:
         self.load_error: str | None = None
         self._ready = threading.Event()
         self._engine: Any = None
+        self._next: _Version | None = None  # a prepared version
+        self._canary: _Version | None = None  # a second version serving a share
+        self.canary_percent = 0
+        self.on_change: Callable[[], None] | None = None  # the versions serving changed
         self._batcher: MicroBatcher[Work, Outcome | ApiError] | None = None
         self._gate: Gate | None = None
         self._gate_lock = threading.Lock()
@@ -104,38 +150,60 @@ class ModelRunner:
         """Whether the next image would be refused (``VIT_MAX_QUEUE_IMAGES`` are waiting)."""
         return self.queued >= self.settings.max_queue_images
 
-    def load(self) -> None:
-        """Load, warm up and open for traffic (blocking; run it off the event loop)."""
-        from .engine import Engine
+    def load(self, served: Served | None = None) -> None:
+        """Load, warm up and open for traffic (blocking; run it off the event loop).
 
+        Args:
+            served: what to serve (default: ``VIT_MODEL`` as version 1): a version, maybe a
+                canary beside it, under the served name (default: the model's own).
+        """
+        if served is None:
+            served = Served(Serving("1", self.settings.model))
         settings = self.settings
         gate = Path(settings.test_gate) if settings.test_gate else None
         if gate is not None:
             FileGate(gate).hold(lambda: "loading\n")
+        torch.set_num_threads(self.threads)
+        with contextlib.suppress(RuntimeError):  # only settable before any parallel work
+            torch.set_num_interop_threads(1)
         try:
-            torch.set_num_threads(self.threads)
-            with contextlib.suppress(RuntimeError):  # only settable before any parallel work
-                torch.set_num_interop_threads(1)
-            loaded = load_model(settings.model, device=self.device, dtype=settings.dtype)
-            engine = Engine(
-                loaded,
-                script=settings.torchscript,
-                graphs=settings.cuda_graphs,
-                max_batch_size=settings.max_batch_size,
-                limits=self._limits,
-                metrics=self.metrics,
-            )
-            self.warmup_ms = engine.warmup(settings.max_batch_size)
+            stable = served.stable
+            self._engine, self._batcher = self._build(stable.source, stable.version, served.name)
+            if served.canary is not None:
+                canary = served.canary
+                fresh = self._build(canary.source, canary.version, served.name)
+                self._serve(fresh, served.percent)
         except Exception as exc:
-            message = str(exc)
-            if not isinstance(exc, ModelLoadError):
-                message = f"{type(exc).__name__}: {message}"
-            self.load_error = message if message.endswith(".") else f"{message}."
+            self.load_error = load_message(exc)
             _logger.exception("the model failed to load (VIT_MODEL=%s): %s", settings.model, exc)
             raise
-        self._engine = engine
+        self._publish(self._engine.info, 1)
+        settle_heap()
+        self._ready.set()
+
+    def _build(
+        self, source: str, version: str, name: str = ""
+    ) -> tuple[Any, MicroBatcher[Work, Any]]:
+        """A warmed-up engine for ``source`` (named as the served model, once there is one)
+        and its batcher, the test gate on it; nothing of this runner changes."""
+        from .engine import Engine
+
+        settings = self.settings
+        loaded = load_model(source, device=self.device, dtype=settings.dtype)
+        if not name:
+            name = loaded.info.name if self._engine is None else self._engine.info.name
+        loaded.info = dataclasses.replace(loaded.info, name=name, version=version)
+        engine = Engine(
+            loaded,
+            script=settings.torchscript,
+            graphs=settings.cuda_graphs,
+            max_batch_size=settings.max_batch_size,
+            limits=self._limits,
+            metrics=self.metrics,
+        )
+        warmup_ms = engine.warmup(settings.max_batch_size)
         # On a GPU a batch is prepared on its own thread and stream while the one before runs.
-        self._batcher = batcher = MicroBatcher(
+        batcher: MicroBatcher[Work, Any] = MicroBatcher(
             engine.finish if engine.overlaps else engine.run_works,
             prepare=engine.prepare if engine.overlaps else None,
             max_batch_size=settings.max_batch_size,
@@ -143,32 +211,171 @@ class ModelRunner:
             max_queue=settings.max_queue_images,
             on_batch=self._on_batch,
         )
+        gate = Path(settings.test_gate) if settings.test_gate else None
         with self._gate_lock:
             batcher.gate = self._gate if gate is None else FileGate(gate, lambda: batcher.queued)
-        info = engine.info
-        self.metrics.model_info.labels(
-            model=info.name, source=info.source, dtype=info.dtype, device=info.device
-        ).set(1)
+        self.warmup_ms = warmup_ms
         _logger.info(
-            "ready: %s on %s (%s) warmed up at batch %d in %.0f ms (%d torch threads)",
-            info.name,
-            info.device,
+            "ready: %s version %s from %s on %s (%s) warmed up at batch %d in %.0f ms "
+            "(%d torch threads)",
+            name,
+            version,
+            source,
+            engine.info.device,
             engine.forward_kind,
             settings.max_batch_size,
-            self.warmup_ms,
+            warmup_ms,
             torch.get_num_threads(),
         )
-        settle_heap()
-        self._ready.set()
+        return engine, batcher
+
+    # --- versions (``service/runtime/swaps.py``'s Follower) -----------------------------------
+    def versions(self) -> set[str]:
+        """The versions serving now: one, or a stable one and a canary."""
+        if self._engine is None:
+            return set()
+        canary = self._canary
+        return {self._engine.info.version} | (set() if canary is None else {canary[0].info.version})
+
+    @property
+    def canary(self) -> tuple[ModelInfo, int] | None:
+        """The canary version and its percent of the traffic, if there is one."""
+        canary = self._canary
+        return None if canary is None else (canary[0].info, self.canary_percent)
+
+    def prepare_version(self, source: str, version: str) -> None:
+        """Load and warm ``source`` as ``version`` beside what serves, which keeps serving
+        (blocking; off the event loop). ``switch`` then puts it in service.
+
+        Raises:
+            ModelLoadError (or what loading raised): what serves is untouched.
+        """
+        self.drop()
+        self._next = self._build(source, version)
+
+    async def prepare(self, source: str, version: str) -> None:
+        """``prepare_version`` on a thread of its own at the lowest CPU priority (and the
+        torch threads it starts inherit it), so the version serving keeps its cores: loading
+        and warming a model beside serving traffic would otherwise take them for seconds."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def work() -> None:
+            with contextlib.suppress(OSError, AttributeError):  # Linux: nice is per thread
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICENESS)
+            try:
+                self.prepare_version(source, version)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_settle, done, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, done, None)
+
+        threading.Thread(target=work, name="vit-load-version", daemon=True).start()
+        await done
+
+    def drop(self) -> None:
+        """Forget a prepared version that will not serve (a load aborted elsewhere)."""
+        prepared, self._next = self._next, None
+        if prepared is not None:
+            prepared[0].close()
+        del prepared
+        release_memory()
+
+    async def switch(self, percent: int = 100) -> float:
+        """Put the prepared version in service at once: alone (``percent`` 100; the versions
+        serving are retired) or as the canary taking ``percent`` of the requests (replacing a
+        canary there was). Every request from now on is routed among the versions serving;
+        a retired one answers what it holds, then its memory is freed. Returns the seconds
+        that took."""
+        assert self._next is not None, "no prepared version"
+        fresh, self._next = self._next, None
+        retired = self._serve(fresh, percent)
+        self._changed()
+        return await self._retire(retired)
+
+    def _serve(self, fresh: _Version, percent: int) -> list[_Version]:
+        """Route to ``fresh`` from now on: alone (``percent`` 100) or as the canary; the
+        versions that no longer serve."""
+        retired: list[_Version] = []
+        if percent >= 100:
+            retired.append(self._stable())
+            self._engine, self._batcher = fresh
+        else:
+            self.canary_percent = percent
+        if self._canary is not None:
+            retired.append(self._canary)
+        self._canary = None if percent >= 100 else fresh
+        self._publish(fresh[0].info, 1)
+        return retired
+
+    async def traffic(self, percent: int) -> float:
+        """Give the canary ``percent`` of the requests: 100 promotes it (the stable version
+        is retired), 0 retires it. Returns the seconds the retired version took to finish."""
+        canary = self._canary
+        if canary is None:
+            return 0.0
+        retired: list[_Version] = []
+        if percent >= 100:
+            retired.append(self._stable())
+            self._engine, self._batcher = canary
+            self._canary = None
+        elif percent <= 0:
+            retired.append(canary)
+            self._canary = None
+        else:
+            self.canary_percent = percent
+        self._changed()
+        return await self._retire(retired)
+
+    def _changed(self) -> None:
+        """The versions serving changed: tell ``on_change`` (before any answer from them)."""
+        if self.on_change is not None:
+            self.on_change()
+
+    async def _retire(self, retired: list[_Version]) -> float:
+        """Each version in ``retired`` answers what it holds; then its memory is freed."""
+        started = time.perf_counter()
+        for engine, batcher in retired:
+            self._publish(engine.info, 0)
+            await batcher.drain()
+            await batcher.aclose()
+            engine.close()
+        retired.clear()
+        release_memory()
+        return time.perf_counter() - started
+
+    def _stable(self) -> _Version:
+        assert self._batcher is not None, "not loaded"
+        return self._engine, self._batcher
+
+    def _route(self, key: str | None) -> _Version:
+        """The version a request goes to: the canary for its share of requests (by the
+        client's key when it sends one, so a client stays with one version; else at random)."""
+        canary = self._canary
+        if canary is not None and takes_canary(key, self.canary_percent):
+            return canary
+        return self._stable()
+
+    def route(self, key: str | None = None) -> ModelInfo:
+        """The version a request with client ``key`` would go to (``infer`` takes it)."""
+        if self._engine is None:
+            raise self._not_ready()
+        info: ModelInfo = self._route(key)[0].info
+        return info
 
     def start_loading(
         self,
         on_ready: Callable[[], None] | None = None,
         on_failure: Callable[[str], object] | None = None,
+        served: Served | None = None,
     ) -> threading.Thread:
-        """Load in the background so liveness answers while a large model loads."""
+        """Load in the background so liveness answers while a large model loads (``served``:
+        as ``load`` takes it)."""
         thread = threading.Thread(
-            target=self._load_quietly, args=(on_ready, on_failure), name="vit-load", daemon=True
+            target=self._load_quietly,
+            args=(on_ready, on_failure, served),
+            name="vit-load",
+            daemon=True,
         )
         thread.start()
         return thread
@@ -179,11 +386,14 @@ class ModelRunner:
         return self.ready or self.load_error is not None
 
     def _load_quietly(
-        self, on_ready: Callable[[], None] | None, on_failure: Callable[[str], object] | None
+        self,
+        on_ready: Callable[[], None] | None,
+        on_failure: Callable[[str], object] | None,
+        served: Served | None,
     ) -> None:
         # A failure is logged and kept in load_error; readiness stays false.
         try:
-            self.load()
+            self.load(served)
         except Exception:
             if on_failure is not None and self.load_error is not None:
                 on_failure(self.load_error)
@@ -216,8 +426,11 @@ class ModelRunner:
             return contextlib.nullcontext()
         return self._batcher.arriving(count)
 
-    async def infer(self, works: Sequence[Work]) -> list[Outcome | ApiError]:
-        """Run ``works`` in the shared batches; one Outcome (or per-image ApiError) each.
+    async def infer(
+        self, works: Sequence[Work], version: str | None = None
+    ) -> list[Outcome | ApiError]:
+        """Run ``works`` in the shared batches; one Outcome (or per-image ApiError) each;
+        ``version``: the one ``route`` chose (default: routed here).
 
         Raises:
             ApiError: 503 ``not_ready`` before warm-up, 503 ``overloaded`` (with Retry-After)
@@ -225,8 +438,14 @@ class ModelRunner:
         """
         if not self.ready or self._batcher is None:
             raise self._not_ready()
+        engine, batcher = self._route(None)
+        if version is not None:  # the version ``route`` chose, if it still serves
+            for held in (self._canary, self._stable()):
+                if held is not None and held[0].info.version == version:
+                    engine, batcher = held
+        info = engine.info  # the version this request rides
         try:
-            done = await self._batcher.submit(works)
+            done = await batcher.submit(works)
         except Overloaded as exc:
             raise overloaded(str(exc), max(1, round(exc.retry_after_s))) from exc
         except Exception as exc:
@@ -235,9 +454,20 @@ class ModelRunner:
         results: list[Outcome | ApiError] = []
         for out, queue_s in done:
             if isinstance(out, Outcome):
-                out = Outcome(out.probs, out.attention, out.batch_size, out.inference_ms, queue_s)
+                out = Outcome(
+                    out.probs, out.attention, out.batch_size, out.inference_ms, queue_s, info
+                )
             results.append(out)
         return results
+
+    def _publish(self, info: ModelInfo, value: int) -> None:
+        self.metrics.model_info.labels(
+            model=info.name,
+            version=info.version,
+            source=info.source,
+            dtype=info.dtype,
+            device=info.device,
+        ).set(value)
 
     def _on_batch(self, stats: BatchStats) -> None:
         metrics = self.metrics

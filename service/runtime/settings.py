@@ -159,6 +159,38 @@ class Settings(BaseSettings):
         ),
     )
     access_log: bool = Field(True, description="Log each HTTP request (BentoML's access log).")
+    admin_token: str = Field(
+        "",
+        repr=False,
+        description=(
+            "Turns on the model repository API (/v2/repository/...: load a new version of "
+            "the model without a restart); callers send 'Authorization: Bearer <token>'. "
+            "Empty = the API is off (403)."
+        ),
+    )
+    canary_model: str = Field(
+        "",
+        description=(
+            "A second version served beside VIT_MODEL from the start (any source VIT_MODEL "
+            "takes), taking VIT_CANARY_PERCENT of the requests; replicas topology only."
+        ),
+    )
+    canary_percent: int = Field(
+        10, ge=1, le=99, description="The share of requests VIT_CANARY_MODEL answers."
+    )
+    load_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest a repository load waits for every replica to load and warm it.",
+    )
+    cache_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=0,
+        description=(
+            "Response cache per HTTP worker: answers kept by (upload's sha256, model version, "
+            "options), least recently used out first; 0 = off."
+        ),
+    )
 
     # --- batching ----------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most images per forward pass.")
@@ -227,6 +259,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 "VIT_MODEL_ENDPOINTS and VIT_MODEL_BIND belong to the split topology: set "
                 "VIT_TOPOLOGY=split (or auto), or leave them empty for replicas"
+            )
+        if self.canary_model and self.topology == "split":
+            raise ValueError(
+                "VIT_CANARY_MODEL needs the replicas topology (split serves one version)"
             )
         if self.drain_delay_s >= self.grace_period_s:
             raise ValueError(

@@ -136,6 +136,7 @@ class AnswerBuilder:
             "source": info.source,
             "dtype": info.dtype,
             "device": info.device,
+            "version": info.version,
         }
 
     def respond(
@@ -170,6 +171,10 @@ class AnswerBuilder:
         built = time.perf_counter()
         out, image, info = scored.result, scored.facts, self.info
         assert not isinstance(out, ApiError) and image is not None
+        if out.model is not None and out.model is not info:  # the version before a swap
+            return AnswerBuilder(out.model, self.metrics)._image(
+                scored, options, request_id, started
+            )
         weights = out.attention
         answer: dict[str, Any] = {
             "request_id": request_id,
@@ -200,6 +205,8 @@ class AnswerBuilder:
             "sha256": image.sha256,
         }
         answer["model"] = self._model
+        if scored.cache is not None:
+            answer["cache"] = scored.cache
         post_s = scored.heatmap_s + time.perf_counter() - built
         self.metrics.observe_stage("postprocess", post_s)
         answer["timing_ms"] = {

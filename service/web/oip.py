@@ -53,11 +53,13 @@ from ..model.engine import Outcome
 from ..model.geometry import crop_window
 from ..model.loading import ModelInfo
 from ..runtime.settings import Settings
+from .admin import PREFIX as REPOSITORY
+from .admin import Admin
 from .admission import OIP_INFER, RESERVED
 from .answers import oip_error_response as oip_error
 from .answers import top_k
 from .options import Options, parse_options
-from .pipeline import Pixels, Scored
+from .pipeline import CLIENT_KEY, Pixels, Scored
 from .reading import Upload, request_id
 
 if TYPE_CHECKING:
@@ -65,9 +67,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PREFIX",
-    "VERSION",
     "InferCall",
     "Oip",
+    "answered_by",
     "infer_call",
     "infer_response",
     "model_metadata",
@@ -80,7 +82,6 @@ __all__ = [
 ]
 
 PREFIX = "/v2"
-VERSION = "1"
 HEADER_LENGTH = "inference-header-content-length"
 _PROTOCOL = "kserve-v2"
 _EXTENSIONS = ["classification", "binary_tensor_data"]
@@ -125,6 +126,7 @@ class Oip:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.worker: HttpWorker | None = None
+        self.admin = Admin(settings)
 
     def attach(self, worker: HttpWorker) -> None:
         self.worker = worker
@@ -144,6 +146,8 @@ class Oip:
                 _allow(method, "GET")
                 ready = await self._worker().is_ready()
                 return _json({"ready": ready}, 200 if ready else 400)
+            if path.startswith(f"{REPOSITORY}/"):
+                return await self.admin.serve(request, self._worker())
             if not path.startswith("/v2/models/"):
                 raise ApiError(404, "not_found", f"Nothing at {method} {path}.")
             name, version, action = _model_path(path[len("/v2/models/") :])
@@ -191,7 +195,8 @@ class Oip:
                 body = await _read_body(request, settings)
                 call = parse_infer(body, request.headers.get(HEADER_LENGTH), info, settings)
                 count = len(call.items)
-                scored = await worker.pipeline.run(call.items, call.options, announced)
+                key = request.headers.get(CLIENT_KEY)
+                scored = await worker.pipeline.run(call.items, call.options, announced, key)
         except ApiError as exc:
             worker.pipeline.count([exc] * count)
             return oip_error(exc, rid)
@@ -212,12 +217,21 @@ def served_model(worker: HttpWorker, name: str, version: str | None) -> ModelInf
         raise ApiError(
             404, "unknown_model", f"No model '{name}'; this server serves '{info.name}'."
         )
-    if version not in (None, "", VERSION):
+    if version not in (None, "", info.version):
         raise ApiError(
             404,
             "unknown_version",
-            f"Model '{name}' has no version '{version}'; its one version is '{VERSION}'.",
+            f"Model '{name}' has no version '{version}' now; it serves version '{info.version}'.",
         )
+    return info
+
+
+def answered_by(scored: Sequence[Scored], info: ModelInfo) -> ModelInfo:
+    """The version that answered a request (one batcher, one version: the first image's),
+    ``info`` where none says (an error, or a model process that does not tell)."""
+    for each in scored:
+        if isinstance(each.result, Outcome) and each.result.model is not None:
+            return each.result.model
     return info
 
 
@@ -228,13 +242,19 @@ def _allow(method: str, allowed: str) -> None:
         )
 
 
+_ADMIN = ("load", "traffic", "unload")
+
+
 def oip_route(path: str) -> str | None:
     """The template of the protocol's route that serves ``path`` (as ``/docs.json`` writes
     it), or None where none does: one metrics label per route, whatever model is named."""
     if path in ("/v2", "/v2/"):
         return "/v2"
-    if path in ("/v2/health/live", "/v2/health/ready"):
+    if path in ("/v2/health/live", "/v2/health/ready", f"{REPOSITORY}/index"):
         return path
+    if path.startswith(f"{REPOSITORY}/models/"):
+        action = path.rpartition("/")[2]
+        return f"{REPOSITORY}/models/{{model_name}}/{action}" if action in _ADMIN else None
     if not path.startswith("/v2/models/"):
         return None
     try:
@@ -616,7 +636,8 @@ def infer_response(
         else:
             tensor["data"] = _json_data(datatype, data)
         outputs.append(tensor)
-    answer: dict[str, Any] = {"model_name": info.name, "model_version": VERSION, "outputs": outputs}
+    version = answered_by(scored, info).version
+    answer: dict[str, Any] = {"model_name": info.name, "model_version": version, "outputs": outputs}
     if call.id is not None:
         answer["id"] = call.id
     header = orjson.dumps(answer)
@@ -684,7 +705,7 @@ def model_metadata(info: ModelInfo) -> dict[str, Any]:
     grid = list(info.grid)
     return {
         "name": info.name,
-        "versions": [VERSION],
+        "versions": [info.version],
         "platform": "pytorch_timm",
         "inputs": [
             {"name": "image", "datatype": "BYTES", "shape": [-1]},

@@ -41,8 +41,8 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from ..errors import ApiError
 from ..runtime.settings import Settings
 from .oip import (
-    VERSION,
     InferCall,
+    answered_by,
     infer_call,
     model_metadata,
     output_tensor,
@@ -180,7 +180,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 where = f"image {scored.index(failed)} of {len(scored)}: "
                 error = ApiError(error.status, error.code, where + error.message, error.headers)
             return _Answer(error=error)
-        reply = pb.ModelInferResponse(model_name=info.name, model_version=VERSION)
+        version = answered_by(scored, info).version
+        reply = pb.ModelInferResponse(model_name=info.name, model_version=version)
         if request.id:
             reply.id = request.id
         for asked in call.outputs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import threading
 import time
@@ -33,6 +34,7 @@ from ..model.imaging import (
     inspect_image,
 )
 from ..runtime.settings import Settings
+from .cache import Cached, CacheKey, Facts, ResponseCache, cache_key
 from .heatmaps import heatmap_png
 from .options import Options
 from .reading import Upload
@@ -40,8 +42,10 @@ from .reading import Upload
 if TYPE_CHECKING:
     from ..backend import Backend
 
-__all__ = ["INLINE_DECODE_BYTES", "ImageFacts", "Pipeline", "Pixels", "Scored"]
+__all__ = ["CLIENT_KEY", "INLINE_DECODE_BYTES", "ImageFacts", "Pipeline", "Pixels", "Scored"]
 
+# The header that keeps a client with one version while a canary serves a share.
+CLIENT_KEY = "x-client-key"
 # Uploads up to this size are decoded on the event loop (see Pipeline._prepare).
 INLINE_DECODE_BYTES = 32 * 1024
 
@@ -82,6 +86,7 @@ class Scored:
     decode_s: float
     heatmap_png: str | None = None
     heatmap_s: float = 0.0
+    cache: str | None = None  # with the response cache on: "hit" or "miss"
 
 
 # One upload after decoding: its facts (or error), the model's Work, the decode seconds.
@@ -103,6 +108,7 @@ class Pipeline:
         )
         self._threads = decode_threads
         self._pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="vit-decode")
+        self.cache = ResponseCache(settings.cache_bytes, metrics)
 
     def warm(self) -> None:
         """Before the worker listens: decode a small image of every accepted format here (the
@@ -131,22 +137,74 @@ class Pipeline:
         uploads: Sequence[Upload] | Sequence[Pixels],
         options: Options,
         announced: contextlib.ExitStack | None = None,
+        client_key: str | None = None,
     ) -> list[Scored]:
-        """Each upload (or client-decoded image) through the model, in order.
+        """Each upload (or client-decoded image) through the model, in order; with the
+        response cache on, an upload seen before under the same model version and options is
+        answered from it (``service/web/cache.py``).
 
         ``announced``: the request's announcement to the batcher (``Backend.arriving``), closed
         here once the images are decoded: a replica's idle model waits for announced requests.
+        ``client_key``: the client's key (``X-Client-Key``), which keeps a client with one
+        version while a canary takes a share of the requests.
 
         Raises:
             ApiError: the model refused the whole request (not ready, overloaded, failed).
         """
+        backend, cache = self.backend, self.cache
+        info = backend.route(client_key)
+        if not cache.enabled:
+            return await self._run(uploads, options, announced, info.version)
+        cache.served(info.name, backend.versions())
+        keys = [
+            cache_key(u.data, info.name, info.version, options) if isinstance(u, Upload) else None
+            for u in uploads
+        ]
+        hits = [None if key is None else cache.get(key) for key in keys]
+        missed = [i for i, hit in enumerate(hits) if hit is None]
+        if missed:
+            picked = [uploads[i] for i in missed]
+            fresh = iter(await self._run(picked, options, announced, info.version))
+        elif announced is not None:
+            announced.close()
+        scored: list[Scored] = []
+        for key, hit in zip(keys, hits, strict=True):
+            if hit is None:
+                each = dataclasses.replace(next(fresh), cache="miss")
+                self._keep(key, each, info.version)
+            else:
+                out = hit.outcome
+                again = Outcome(out.probs, out.attention, 0, 0.0, 0.0, out.model)
+                each = Scored(hit.facts, again, 0.0, hit.heatmap_png, cache="hit")
+                self.count([again])
+            scored.append(each)
+        return scored
+
+    def _keep(self, key: CacheKey | None, scored: Scored, version: str) -> None:
+        """Cache an image's answer: one the model gave (not an error) under ``version``."""
+        out, facts = scored.result, scored.facts
+        if key is None or not isinstance(out, Outcome) or facts is None:
+            return
+        if out.model is not None and out.model.version != version:  # answered across a swap
+            return
+        kept = Facts(facts.width, facts.height, facts.format, facts.mode, facts.sha256)
+        self.cache.put(key, Cached(kept, out, scored.heatmap_png))
+
+    async def _run(
+        self,
+        uploads: Sequence[Upload | Pixels],
+        options: Options,
+        announced: contextlib.ExitStack | None,
+        version: str,
+    ) -> list[Scored]:
         try:
             prepared = await self._prepare(uploads, options)
         finally:
             if announced is not None:
                 announced.close()
         good = [i for i, (_, work, _) in enumerate(prepared) if work is not None]
-        outcomes = await self.backend.infer([prepared[i][1] for i in good])  # type: ignore[misc]
+        works = [prepared[i][1] for i in good]
+        outcomes = await self.backend.infer(works, version)  # type: ignore[arg-type]
         done = dict(zip(good, outcomes, strict=True))
         scored: list[Scored] = []
         for index, (facts, _work, decode_s) in enumerate(prepared):
@@ -171,9 +229,11 @@ class Pipeline:
                 self.metrics.image_errors.labels(code=result.code).inc()
             else:
                 self.metrics.images.labels(outcome="ok").inc()
+                model = result.model or self.backend.info
+                self.metrics.version_images.labels(model=model.name, version=model.version).inc()
 
     async def _prepare(
-        self, uploads: Sequence[Upload] | Sequence[Pixels], options: Options
+        self, uploads: Sequence[Upload | Pixels], options: Options
     ) -> list[_Prepared]:
         """Decode (or, for the device, inspect) each upload: its facts or error, its Work."""
         backend = self.backend

@@ -38,6 +38,7 @@ from .answers import AnswerBuilder, JsonResponse, error_response, header_timeout
 from .oip import Oip, oip_route
 from .oip_grpc import GrpcDoor
 from .options import parse_options
+from .pipeline import CLIENT_KEY
 from .reading import read_request, request_id
 from .schemas import (
     BatchItem,
@@ -215,7 +216,9 @@ class Front:
                     default_top_k=settings.default_top_k,
                     default_attention=settings.default_attention,
                 )
-                scored = await worker.pipeline.run(parsed.uploads, options, announced)
+                scored = await worker.pipeline.run(
+                    parsed.uploads, options, announced, request.headers.get(CLIENT_KEY)
+                )
         except ApiError as exc:
             worker.pipeline.count([exc] * file_count)
             return error_response(exc, rid)

@@ -92,6 +92,7 @@ class ModelMeta(BaseModel):
     source: str
     dtype: str
     device: str
+    version: str = Field(description="The version that answered ('1' at start; a load adds one).")
 
 
 class Timing(BaseModel):
@@ -111,6 +112,11 @@ class ClassifyResponse(BaseModel):
     image: ImageMeta
     model: ModelMeta
     timing_ms: Timing
+    cache: Literal["hit", "miss"] | None = Field(
+        None,
+        description="With the response cache on: 'hit' (answered from it, no decode, no model) "
+        "or 'miss'.",
+    )
 
 
 class ErrorBody(BaseModel):
@@ -134,6 +140,7 @@ class BatchItem(BaseModel):
     image: ImageMeta | None = None
     model: ModelMeta | None = None
     timing_ms: Timing | None = None
+    cache: Literal["hit", "miss"] | None = None
     error: ErrorBody | None = None
     status: int | None = None
 

@@ -238,6 +238,7 @@ def test_page_loads_with_model_panel(page: webdriver.Chrome, server: Server, sho
     assert fields["num_prefix_tokens"] == "1 (CLS)"
     assert fields["position_embedding"] == "learned [1, 17, 64]"
     assert fields["num_params"] == "215,114"
+    assert fields["version"] == "1"
     assert (fields["dtype"], fields["device"]) == (model["dtype"], model["device"])
     summary = _testid(page, "model-summary")[0].text
     assert summary == "32×32 input, patch 8 → 16 patches of 192 values → 64-dim embeddings"
@@ -328,7 +329,16 @@ def test_digit_result_with_heatmap_grid_and_timing(
         _attr(dd, "data-field"): dd.text
         for dd in _testid(card, "timing")[0].find_elements(By.TAG_NAME, "dd")
     }
-    assert set(timing) == {"decode", "queue", "inference", "postprocess", "total", "batch_size"}
+    assert set(timing) == {
+        "model_version",
+        "decode",
+        "queue",
+        "inference",
+        "postprocess",
+        "total",
+        "batch_size",
+    }  # the e2e server runs without the response cache (harness.serving): no "cache" field
+    assert timing["model_version"] == "vit-digits version 1"
 
     # Rollout: changing the mode re-asks the API for the same image.
     page.find_element(By.CSS_SELECTOR, '[data-testid="mode-rollout"]').click()

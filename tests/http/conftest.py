@@ -108,6 +108,8 @@ def settings_for(model_dir: Path | str, **overrides: Any) -> Settings:
         "access_log": False,
         # Not the default 'exit': a worker that cannot load would ask its parent to stop.
         "on_load_failure": "serve",
+        # The tests count what reaches the model: no response cache unless a test asks.
+        "cache_bytes": 0,
         **LIMITS,
         **overrides,
     }

@@ -98,7 +98,9 @@ def test_a_good_image_gets_predictions_attention_and_patches(
         "source": f"local-dir:{tiny_dir}",
         "dtype": "float32",
         "device": "cpu",
+        "version": "1",
     }
+    assert "cache" not in answer  # the cache is off
     assert answer["timing_ms"]["batch_size"] >= 1
 
 

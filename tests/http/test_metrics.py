@@ -86,4 +86,4 @@ def test_durations_are_observed_and_nothing_stays_in_flight(
     assert app.metric(duration, endpoint="classify_batch") == before + 2
     assert app.metric("vit_inflight_requests") == 0
     model = {"model": tiny_dir.name, "source": f"local-dir:{tiny_dir}"}
-    assert app.metric("vit_model_info", **model, dtype="float32", device="cpu") == 1
+    assert app.metric("vit_model_info", **model, version="1", dtype="float32", device="cpu") == 1

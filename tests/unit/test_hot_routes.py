@@ -69,7 +69,15 @@ class _Backend:
     def arriving(self, count: int) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
-    async def infer(self, works: Sequence[Work]) -> list[Outcome | ApiError]:
+    def route(self, key: str | None = None) -> ModelInfo:
+        return self._info
+
+    def versions(self) -> set[str]:
+        return {self._info.version}
+
+    async def infer(
+        self, works: Sequence[Work], version: str | None = None
+    ) -> list[Outcome | ApiError]:
         assert self.worker is not None
         self.most_active = max(self.most_active, self.worker.admission.active)
         if self.behaviour == "full":

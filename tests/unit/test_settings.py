@@ -38,6 +38,8 @@ def test_environment_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
         ("VIT_MAX_BATCH_SIZE", "0", "max_batch_size"),
         ("VIT_MAX_QUEUE_IMAGES", "4", "must be at least"),
         ("VIT_DEFAULT_ATTENTION", "all", "default_attention"),
+        ("VIT_CANARY_PERCENT", "100", "canary_percent"),
+        ("VIT_CACHE_BYTES", "-1", "cache_bytes"),
     ],
 )
 def test_invalid_values_are_refused(
@@ -53,3 +55,17 @@ def test_readme_documents_every_setting() -> None:
     documented = set(re.findall(r"^\| `(VIT_[A-Z_]+)` \|", readme, flags=re.MULTILINE))
     fields = {f"VIT_{name.upper()}" for name in Settings.model_fields}
     assert documented == fields
+
+
+def test_a_canary_at_start_needs_the_replicas_topology(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VIT_CANARY_MODEL", "local-dir:/v2")
+    monkeypatch.setenv("VIT_TOPOLOGY", "split")
+    with pytest.raises(ValidationError, match="VIT_CANARY_MODEL needs the replicas topology"):
+        Settings()
+
+
+def test_the_admin_token_is_kept_out_of_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VIT_ADMIN_TOKEN", "hunter2-secret")
+    settings = Settings()
+    assert settings.admin_token == "hunter2-secret"
+    assert "hunter2-secret" not in repr(settings) and "hunter2-secret" not in str(settings)

@@ -3,6 +3,7 @@ sockets carry it (a JSON header frame, then raw buffers), with no pickle anywher
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ def test_images_round_trip_as_pixels_and_jpegs() -> None:
     works = [
         Work("cls", pixels=pixels),
         Work("none", jpeg=b"\xff\xd8fake"),
-        Work("rollout", pixels),
+        Work("rollout", pixels, version="3"),  # routed to a version (a canary serves)
     ]
     header, buffers = _frames(wire.encode_request(41, works))
     assert header == {
@@ -46,11 +47,12 @@ def test_images_round_trip_as_pixels_and_jpegs() -> None:
         "items": [
             {"mode": "cls", "shape": [5, 7, 3]},
             {"mode": "none", "jpeg": 1},
-            {"mode": "rollout", "shape": [5, 7, 3]},
+            {"mode": "rollout", "shape": [5, 7, 3], "v": "3"},
         ],
     }
     decoded = wire.decode_request(header, buffers)
     assert [work.mode for work in decoded] == ["cls", "none", "rollout"]
+    assert [work.version for work in decoded] == [None, None, "3"]
     np.testing.assert_array_equal(decoded[0].pixels, pixels)  # type: ignore[arg-type]
     assert decoded[1].jpeg == b"\xff\xd8fake" and decoded[1].pixels is None
     np.testing.assert_array_equal(decoded[2].pixels, pixels)  # type: ignore[arg-type]
@@ -68,7 +70,7 @@ def test_a_reply_round_trips_outcomes_and_per_image_errors() -> None:
     header, buffers = _frames(wire.encode_reply(9, results, model_s=0.01, queued=5, bound=64))
     # The keys the docstring promises (``q`` for the queue seconds, not ``queue_s``).
     assert set(header) == {"id", "items", "model_s", "queued", "bound"}
-    assert set(header["items"][0]) == {"batch", "ms", "q", "att"}
+    assert set(header["items"][0]) == {"batch", "ms", "q", "att", "v"}
     reply = wire.decode_reply(header, buffers)
     assert (reply.message_id, reply.error, reply.model_s) == (9, None, 0.01)
     assert (reply.queued, reply.bound) == (5, 64)
@@ -85,6 +87,23 @@ def test_a_reply_round_trips_outcomes_and_per_image_errors() -> None:
         "Not a JPEG.",
         {"X-Why": "test"},
     )
+
+
+def test_a_reply_says_which_version_answered(info: ModelInfo) -> None:
+    v2 = dataclasses.replace(info, version="2")
+    probs = RNG.random(7, dtype=np.float32)
+    results: list[Outcome | ApiError] = [
+        Outcome(probs, None, 1, 1.0, 0.0, v2),
+        Outcome(probs, None, 1, 1.0, 0.0, info),
+        Outcome(probs, None, 1, 1.0, 0.0),
+    ]
+    header, buffers = _frames(wire.encode_reply(3, results, model_s=0.0, queued=0, bound=8))
+    assert [item["v"] for item in header["items"]] == ["2", "1", None]
+    known = wire.decode_reply(header, buffers, {"1": info, "2": v2}).results
+    assert [out.model for out in known] == [v2, info, None]  # type: ignore[union-attr]
+    # A version not heard of yet: no model info (the worker answers with the one it knows).
+    unknown = wire.decode_reply(header, buffers, {"1": info}).results
+    assert [out.model for out in unknown] == [None, info, None]  # type: ignore[union-attr]
 
 
 def test_a_failed_message_round_trips_its_error_and_the_queue() -> None:
@@ -112,6 +131,13 @@ def test_the_model_info_round_trips(info: ModelInfo) -> None:
         {"pid": 7, "device": "cpu"},
     )
     assert asdict(said.info) == asdict(info)  # tuples come back as tuples
+    assert said.canary is None and said.percent == 0
+    canary = dataclasses.replace(info, version="2", source="local-dir:/v2")
+    frame = wire.encode_info(
+        info, warmup_ms=1.0, decodes_on_device=False, runtime={}, canary=(canary, 15)
+    )
+    said = wire.decode_info(wire.read_header(frame))
+    assert (said.info, said.canary, said.percent) == (info, canary, 15)
 
 
 def test_a_load_error_round_trips() -> None:

@@ -75,6 +75,7 @@
       ["position_embedding", "Position embedding",
         `${m.position_embedding_kind}${m.position_embedding_shape ? ` [${m.position_embedding_shape.join(", ")}]` : ""}`],
       ["num_params", "Parameters", Number(m.num_params).toLocaleString("en-US")],
+      ["version", "Version", m.version],
       ["dtype", "dtype", m.dtype],
       ["device", "Device", m.device],
       ["classes", "Classes", body.labels.length],
@@ -375,7 +376,7 @@
       drawGrid(card, a);
       parts.push(topTable(a));
     }
-    parts.push(timingList(a.timing_ms));
+    parts.push(timingList(a));
     info.replaceChildren(...parts);
 
     if (a.attention && a.attention.heatmap_png) {
@@ -524,9 +525,14 @@
     return wrap;
   }
 
-  function timingList(t) {
+  function timingList(a) {
+    const t = a.timing_ms;
     const box = el("div", { class: "timing" });
     const dl = el("dl", { class: "kv small", "data-testid": "timing" });
+    // Which version answered: a load swaps versions while the page is open.
+    dl.append(el("dt", {}, "answered by"),
+      el("dd", { "data-field": "model_version" }, `${a.model.name} version ${a.model.version}`));
+    if (a.cache) dl.append(el("dt", {}, "cache"), el("dd", { "data-field": "cache" }, a.cache));
     for (const k of ["decode", "queue", "inference", "postprocess", "total"]) {
       dl.append(el("dt", {}, k), el("dd", { "data-field": k }, `${fmt(t[k])} ms`));
     }

@@ -30,7 +30,7 @@ from harness.serving import REPO, serve
 
 __all__ = ["main", "measure"]
 
-STAGES = ("decode", "queue", "inference", "postprocess")
+STAGES = ("decode", "queue", "inference", "postprocess", "total")
 
 
 def _one(client: httpx.Client, body: bytes, content_type: str) -> dict[str, Any]:

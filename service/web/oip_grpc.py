@@ -50,6 +50,7 @@ from .oip import (
     server_metadata,
     tensor_bytes,
 )
+from .pipeline import CLIENT_KEY
 from .reading import request_id
 
 if TYPE_CHECKING:
@@ -91,6 +92,14 @@ class _Answer(Response):
 
 def _failed(error: ApiError, _rid: str) -> Response:
     return _Answer(error=error)
+
+
+def _client_key(context: grpc.aio.ServicerContext) -> str | None:
+    """The client's key (``x-client-key`` metadata): a canary keeps it with one version."""
+    for name, value in context.invocation_metadata() or ():
+        if name == CLIENT_KEY:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: ApiError) -> None:
@@ -151,15 +160,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if refusal is not None:
             worker.admission.refused(GRPC_INFER, refusal)
             await _abort(context, refusal)
+        key = _client_key(context)
         async with worker.admitted(GRPC_INFER, rid, shape=_failed) as envelope:
-            envelope.response = await self._infer(request, rid)
+            envelope.response = await self._infer(request, rid, key)
         answer = envelope.response
         assert isinstance(answer, _Answer)
         if answer.error is not None:
             await _abort(context, answer.error)
         return answer.reply
 
-    async def _infer(self, request: Any, rid: str) -> _Answer:
+    async def _infer(self, request: Any, rid: str, key: str | None = None) -> _Answer:
         worker = self.worker
         count = 1
         try:
@@ -168,7 +178,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 info = served_model(worker, request.model_name, request.model_version)
                 call = _call(request, info, worker.settings)
                 count = len(call.items)
-                scored = await worker.pipeline.run(call.items, call.options, announced)
+                scored = await worker.pipeline.run(call.items, call.options, announced, key)
         except ApiError as exc:
             worker.pipeline.count([exc] * count)
             return _Answer(error=exc)

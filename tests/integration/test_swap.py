@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import pytest
+import tritonclient.grpc as triton
 
 from harness.samples import digit
 from harness.serving import Server, serve
 from harness.versions import DIGITS_DIR, shifted_digits
+from service.runtime.swaps import takes_canary
 
 TOKEN = "integration-t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -248,6 +251,22 @@ def test_a_canary_takes_its_share_across_both_replicas(swap_server: Server, tmp_
     share = versions.count(canary) / len(versions)
     assert abs(share - 0.10) <= 0.03, share
     assert set(versions) == {stable, canary}
+    # Over gRPC too: at random without a key, one version per key with one (x-client-key).
+    with triton.InferenceServerClient(f"127.0.0.1:{swap_server.grpc_port}") as client:
+
+        def grpc_version(key: str | None) -> str:
+            image = triton.InferInput("image", [1], "BYTES")
+            image.set_data_from_numpy(np.array([IMAGE], dtype=np.object_))
+            headers = None if key is None else {"x-client-key": key}
+            answer = client.infer("vit-digits", [image], headers=headers)
+            return str(answer.get_response().model_version)
+
+        assert {grpc_version(None) for _ in range(200)} == {stable, canary}
+        keys = [f"client-{i}" for i in range(100)]
+        to_canary = next(k for k in keys if takes_canary(k, 10))
+        to_stable = next(k for k in keys if not takes_canary(k, 10))
+        assert {grpc_version(to_canary) for _ in range(10)} == {canary}
+        assert {grpc_version(to_stable) for _ in range(10)} == {stable}
     retired = httpx.post(f"{url}/v2/repository/models/vit-digits/traffic",
                          json={"parameters": {"canary_percent": 0}}, headers=AUTH)  # fmt: skip
     assert retired.status_code == 200 and retired.json()["traffic"] == {stable: 100}

@@ -18,7 +18,7 @@ from loadtests.rehearsal import rehearse, shipped, summary
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("rehearsal")
     result = rehearse(
-        folder, users=128, warm_s=12.0, after_term_s=3.0, after_kill_s=5.0, burst_s=40.0
+        folder, users=128, warm_s=12.0, after_term_s=3.0, after_kill_s=5.0, burst_s=20.0
     )
     print("\n" + summary(result))
     (folder / "report.json").write_text(json.dumps(result, indent=2))

@@ -34,7 +34,7 @@ from .engine import Outcome, Work
 from .imaging import ImageLimits
 from .loading import ModelInfo, ModelLoadError, load_model
 
-__all__ = ["ModelRunner", "Outcome", "Work", "load_message", "release_memory", "settle_heap"]
+__all__ = ["ModelRunner", "Outcome", "Work", "release_memory", "settle_heap"]
 
 _logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
         future.set_exception(exc)
 
 
-def load_message(exc: Exception) -> str:
+def _load_message(exc: Exception) -> str:
     """What a failed load says: a ModelLoadError's own words, else the exception's kind too."""
     message = str(exc)
     if not isinstance(exc, ModelLoadError):
@@ -174,7 +174,7 @@ class ModelRunner:
                 fresh = self._build(canary.source, canary.version, served.name)
                 self._serve(fresh, served.percent)
         except Exception as exc:
-            self.load_error = load_message(exc)
+            self.load_error = _load_message(exc)
             _logger.exception("the model failed to load (VIT_MODEL=%s): %s", settings.model, exc)
             raise
         self._publish(self._engine.info, 1)

@@ -82,13 +82,6 @@ class ResponseCache:
     def enabled(self) -> bool:
         return self.budget > 0
 
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def served(self, name: str, versions: set[str]) -> None:
         """The model versions now serving: the entries of any other one leave."""
         now = (name, frozenset(versions))
@@ -124,8 +117,3 @@ class ResponseCache:
         self._entries[key] = entry
         self._bytes += size
         self._metrics.cache_bytes.set(self._bytes)
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._bytes = 0
-        self._metrics.cache_bytes.set(0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ from .model.engine import Outcome, Work
 from .model.loading import ModelInfo, ModelLoadError, parse_source
 from .model.runner import ModelRunner, settle_heap
 from .runtime.plan import Plan
-from .runtime.runfolder import ReadyMarks, run_folder
+from .runtime.runfolder import ReadyMarks, model_folder, run_folder
 from .runtime.settings import Settings
 from .runtime.swaps import POLL_S as SWAP_POLL_S
 from .runtime.swaps import NoCanary, Served, Serving, SwapBoard, SwapBusy, SwapFailed
@@ -38,8 +38,9 @@ __all__ = [
     "READY_CONTACT_S",
     "Backend",
     "LocalBackend",
+    "Models",
     "RemoteBackend",
-    "create_backend",
+    "create_backends",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -144,8 +145,9 @@ class LocalBackend(ModelRunner):
         index: int,
         marks: ReadyMarks,
         on_load_failure: Callable[[str], object] | None = None,
+        name: str = "",
     ) -> None:
-        super().__init__(settings, metrics, device=device, threads=threads)
+        super().__init__(settings, metrics, device=device, threads=threads, name=name)
         self._index = index
         self._marks = marks
         self._swaps = SwapBoard(marks.folder or run_folder(), marks.replicas)
@@ -184,7 +186,7 @@ class LocalBackend(ModelRunner):
         if not settings.canary_model:
             return None
         stable, canary = Serving("1", settings.model), Serving("2", settings.canary_model)
-        return Served(stable, canary, settings.canary_percent, latest=2)
+        return Served(stable, canary, settings.canary_percent, latest=2, name=self.name)
 
     async def _follow(self) -> None:
         """Act on the server's changes, as long as this replica serves."""
@@ -324,6 +326,133 @@ async def _change(change: Awaitable[dict[str, Any]], served: Served) -> dict[str
     return {"name": served.name, **done}
 
 
+class Models:
+    """The models an HTTP worker serves, by name (``VIT_MODELS``), each its own ``Backend``;
+    the first is the default, what a request that names none gets.
+
+    Args:
+        backends: ``(name, backend)`` each, the default first; name '' (``VIT_MODEL`` alone):
+            the name its checkpoint gives it, known once it is loaded.
+    """
+
+    def __init__(self, backends: Sequence[tuple[str, Backend]]) -> None:
+        assert backends, "no model"
+        self._named = list(backends)
+        self.default = backends[0][1]
+
+    def __iter__(self) -> Iterator[Backend]:
+        return iter(backend for _, backend in self._named)
+
+    def __len__(self) -> int:
+        return len(self._named)
+
+    def _name(self, name: str, backend: Backend) -> str | None:
+        """A model's served name, None while a checkpoint-named one is not loaded yet."""
+        if name:
+            return name
+        try:
+            return backend.info.name
+        except ApiError:
+            return None
+
+    def names(self) -> list[str]:
+        """The served names known now, the default first."""
+        return [n for n in (self._name(name, b) for name, b in self._named) if n is not None]
+
+    def get(self, name: str | None = None) -> Backend:
+        """The model ``name`` names (None or '': the default).
+
+        Raises:
+            ApiError: 404 ``unknown_model`` (or, for a one-model server whose checkpoint names
+                the model, 503 until it is loaded).
+        """
+        if not name:
+            return self.default
+        for given, backend in self._named:
+            if given == name:
+                return backend
+        if len(self._named) == 1 and not self._named[0][0]:
+            served = self.default.info.name  # 503 ``not_ready`` while it loads
+            if served == name:
+                return self.default
+        known = ", ".join(f"'{n}'" for n in self.names())
+        raise ApiError(404, "unknown_model", f"No model '{name}'; this server serves {known}.")
+
+    def queue_full(self, name: str | None = None) -> bool:
+        """Whether the named model's queue is at its bound (an unknown name: no, it is refused
+        later, in its own words)."""
+        try:
+            return self.get(name).queue_full
+        except ApiError:
+            return False
+
+    def listing(self) -> list[dict[str, Any]]:
+        """``GET /models``: each model, the default first, with its versions and state."""
+        listed: list[dict[str, Any]] = []
+        for index, (name, backend) in enumerate(self._named):
+            entry: dict[str, Any] = {"name": self._name(name, backend), "default": index == 0}
+            try:
+                versions = backend.repository()
+            except ApiError as exc:  # not loaded (yet, or it failed)
+                state = "failed" if exc.code == "load_failed" else "loading"
+                entry.update(state=state, versions=[], reason=exc.message)
+            else:
+                state = "ready" if backend.ready else "loading"
+                entry.update(state=state, versions=versions)
+                entry["name"] = versions[0]["name"]
+            listed.append(entry)
+        return listed
+
+    # --- all of them at once ----------------------------------------------------------------
+    async def start(self) -> None:
+        for backend in self:
+            await backend.start()
+
+    async def is_ready(self) -> bool:
+        """Every model is ready."""
+        for backend in self:
+            if not await backend.is_ready():
+                return False
+        return True
+
+    async def first_contact(self) -> None:
+        for backend in self:
+            await backend.first_contact()
+
+    async def close(self) -> None:
+        for backend in self:
+            await backend.close()
+
+
+def create_backends(
+    settings: Settings,
+    plan: Plan,
+    metrics: Metrics,
+    *,
+    index: int,
+    run_folder: Path | None = None,
+    on_load_failure: Callable[[str], object] | None = None,
+) -> Models:
+    """The models of HTTP worker ``index`` under ``plan``: a backend for each of
+    ``Settings.model_sources`` (the canary set at start goes to the first), each keeping its
+    files in its own ``model_folder``."""
+    backends: list[tuple[str, Backend]] = []
+    for number, (name, source) in enumerate(settings.model_sources):
+        update = {"model": source} | ({"canary_model": ""} if number else {})
+        folder = model_folder(run_folder, number)
+        backend = create_backend(
+            settings.model_copy(update=update),
+            plan,
+            metrics,
+            index=index,
+            run_folder=folder,
+            on_load_failure=on_load_failure,
+            name=name,
+        )
+        backends.append((name, backend))
+    return Models(backends)
+
+
 def create_backend(
     settings: Settings,
     plan: Plan,
@@ -332,18 +461,20 @@ def create_backend(
     index: int,
     run_folder: Path | None = None,
     on_load_failure: Callable[[str], object] | None = None,
+    name: str = "",
 ) -> Backend:
-    """The backend of HTTP worker ``index`` under ``plan``.
+    """The backend of HTTP worker ``index`` under ``plan`` for ``settings.model``.
 
     Args:
-        run_folder: where the replicas keep their ready marks (default: this server's run
-            folder).
+        run_folder: where the replicas keep their ready marks, or the model processes their
+            sockets (default: this server's run folder).
         on_load_failure: called with the error when a local model cannot load.
+        name: the name it is served under ('': its checkpoint's).
     """
     if plan.topology == "split":
         torch.set_num_threads(1)  # this process never runs the model
         given = [e.strip() for e in settings.model_endpoints.split(",") if e.strip()]
-        endpoints = given or [ipc_endpoint(i) for i in range(len(plan.devices))]
+        endpoints = given or [ipc_endpoint(i, folder=run_folder) for i in range(len(plan.devices))]
         return RemoteBackend(
             endpoints,
             metrics,
@@ -360,4 +491,5 @@ def create_backend(
         index=index,
         marks=ReadyMarks(plan.http_workers, run_folder),
         on_load_failure=on_load_failure,
+        name=name,
     )

@@ -22,14 +22,14 @@ import bentoml
 import prometheus_client
 from bentoml import server_context
 
-from .backend import create_backend
+from .backend import create_backends
 from .link.server import ModelServer
 from .link.wire import ipc_endpoint
 from .metrics import create_metrics
 from .model.runner import ModelRunner
 from .runtime.drain import DRAIN, draining
 from .runtime.plan import Plan, plan_for
-from .runtime.runfolder import report_failure
+from .runtime.runfolder import model_folder, report_failure
 from .runtime.runfolder import run_folder as folder
 from .runtime.server import install
 from .runtime.settings import Settings, load_settings
@@ -89,49 +89,62 @@ def build(
         logging={"access": {"enabled": False}},
     )
     class VitModel:
-        """``split``: one model process per device; serves batches to the HTTP workers over the
-        link. It binds only once the model is warmed up, so an HTTP worker's connection to it
-        is the readiness signal; BentoML restarts it if it dies."""
+        """``split``: one model process per device, holding every model (``VIT_MODELS``) on its
+        device, each behind its own socket; serves batches to the HTTP workers over the link.
+        Each binds only once its model is warmed up, so an HTTP worker's connection to it is
+        the readiness signal; BentoML restarts the process if it dies."""
 
         def __init__(self) -> None:
             index = _worker_index()
             device = plan.devices[index % len(plan.devices)]
             metrics = create_metrics(settings.max_batch_size, registry)
-            self.runner = ModelRunner(settings, metrics, device=device, threads=plan.torch_threads)
             runtime = {"pid": os.getpid(), "device": device, "torch_threads": plan.torch_threads}
-            # This server's own model processes follow its swap board (a model server run on
-            # its own, VIT_MODEL_BIND, has no HTTP workers beside it to share one with).
-            board = None if settings.model_bind else SwapBoard(run_folder or folder(), workers)
-            self.server = ModelServer(
-                self.runner,
-                settings.model_bind or ipc_endpoint(index),
-                runtime,
-                on_load_failure=stop_or_serve,
-                on_bind_failure=stop,
-                swaps=board,
-                index=index,
-            )
-            self.server.start()
+            self.servers: list[ModelServer] = []
+            for number, (name, source) in enumerate(settings.model_sources):
+                own = settings.model_copy(update={"model": source})
+                runner = ModelRunner(
+                    own, metrics, device=device, threads=plan.torch_threads, name=name
+                )
+                # This server's own model processes follow its swap board (a model server run
+                # on its own, VIT_MODEL_BIND, has no HTTP workers beside it to share one with).
+                files = model_folder(run_folder, number) or folder()
+                board = None if settings.model_bind else SwapBoard(files, workers)
+                server = ModelServer(
+                    runner,
+                    settings.model_bind or ipc_endpoint(index, folder=files),
+                    runtime,
+                    on_load_failure=stop_or_serve,
+                    on_bind_failure=stop,
+                    swaps=board,
+                    index=index,
+                )
+                self.servers.append(server)
+                server.start()
 
         def __is_ready__(self) -> bool:
-            return self.runner.ready and not draining()
+            return all(server.runner.ready for server in self.servers) and not draining()
 
         @bentoml.api
         def status(self) -> dict[str, Any]:
             """This model process: ready, device, queue (for operators and the hop benchmark)."""
-            runner = self.runner
-            return {"ready": runner.ready, "device": runner.device, "queued": runner.queued}
+            runners = [server.runner for server in self.servers]
+            return {
+                "ready": all(runner.ready for runner in runners),
+                "device": runners[0].device,
+                "queued": sum(runner.queued for runner in runners),
+            }
 
         @bentoml.on_shutdown
         async def _shutdown(self) -> None:
             # The HTTP workers drain at the same time and need this process until they are
             # done: wait for them to hang up (at most the grace period). Run on its own, its
             # HTTP workers stay up: they are told to send to the other model servers.
-            if settings.model_bind:
-                self.server.leave()
-            if not await self.server.idle(DRAIN.grace_left()):
-                _logger.warning("stopping with HTTP workers still connected (grace period over)")
-            self.server.stop()
+            for server in self.servers:
+                if settings.model_bind:
+                    server.leave()
+                if not await server.idle(DRAIN.grace_left()):
+                    _logger.warning("stopping with HTTP workers still connected (grace over)")
+                server.stop()
 
     @bentoml.service(
         name="vit-classifier",
@@ -151,7 +164,7 @@ def build(
 
         def __init__(self) -> None:
             metrics = create_metrics(settings.max_batch_size, registry)
-            backend = create_backend(
+            models = create_backends(
                 settings,
                 plan,
                 metrics,
@@ -159,7 +172,7 @@ def build(
                 run_folder=run_folder,
                 on_load_failure=stop_or_serve,
             )
-            self.worker = HttpWorker(settings, plan, backend, metrics)
+            self.worker = HttpWorker(settings, plan, models, metrics)
             front.attach(self.worker)
 
         @bentoml.on_startup

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,9 +73,10 @@ BYE = orjson.dumps({"op": "bye"})
 INFO = orjson.dumps({"op": "info"})
 
 
-def ipc_endpoint(index: int, run_id: int | None = None) -> str:
-    """The private socket of model process ``index`` of this server (in its run folder)."""
-    return f"ipc://{run_folder(run_id)}/model-{index}.sock"
+def ipc_endpoint(index: int, run_id: int | None = None, folder: Path | None = None) -> str:
+    """The private socket of model process ``index`` of this server (in its run folder, or in
+    ``folder``: a model's own, ``runfolder.model_folder``)."""
+    return f"ipc://{folder or run_folder(run_id)}/model-{index}.sock"
 
 
 def read_header(frame: bytes) -> dict[str, Any]:

@@ -91,10 +91,14 @@ class ModelRunner:
         metrics: where the batch-side figures go.
         device: 'cpu', 'cuda:N' or 'auto'.
         threads: torch intra-op threads for this process.
+        name: the name it is served under (``VIT_MODELS``; '': its checkpoint's own).
     """
 
-    def __init__(self, settings: Settings, metrics: Metrics, *, device: str, threads: int) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, *, device: str, threads: int, name: str = ""
+    ) -> None:
         self.settings = settings
+        self.name = name
         self.metrics = metrics
         self.device = device
         self.threads = threads
@@ -155,10 +159,13 @@ class ModelRunner:
 
         Args:
             served: what to serve (default: ``VIT_MODEL`` as version 1): a version, maybe a
-                canary beside it, under the served name (default: the model's own).
+                canary beside it, under the served name (default: the runner's ``name``, else
+                the model's own).
         """
         if served is None:
-            served = Served(Serving("1", self.settings.model))
+            served = Served(Serving("1", self.settings.model), name=self.name)
+        elif not served.name:
+            served = dataclasses.replace(served, name=self.name)
         settings = self.settings
         gate = Path(settings.test_gate) if settings.test_gate else None
         if gate is not None:

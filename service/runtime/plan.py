@@ -201,5 +201,12 @@ def plan_for(settings: Settings) -> Plan:
         settings,
         cpus=available_cpus(),
         cuda_devices=cuda,
-        model_bytes=weight_bytes(settings.model),
+        model_bytes=_all_weight_bytes(settings),
     )
+
+
+def _all_weight_bytes(settings: Settings) -> int | None:
+    """The weights of every model served (``VIT_MODELS``): the memory a copy of them all
+    takes, which the plan is made for once (None: one of them has an unknown size)."""
+    sizes = [weight_bytes(source) for _, source in settings.model_sources]
+    return None if None in sizes else sum(size for size in sizes if size is not None)

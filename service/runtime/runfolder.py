@@ -22,6 +22,7 @@ __all__ = [
     "ReadyMarks",
     "claim_run_folder",
     "failure_reported",
+    "model_folder",
     "report_failure",
     "run_folder",
 ]
@@ -41,13 +42,27 @@ def run_folder(run_id: int | None = None) -> Path:
     return folder
 
 
+def model_folder(folder: Path | None, index: int) -> Path | None:
+    """Where model ``index`` of several (``VIT_MODELS``) keeps its ready marks, swap files and
+    sockets: the run folder ``folder`` (None: this server's, found when used) for the first,
+    the default, and a folder of its own inside it for each other."""
+    if index == 0:
+        return folder
+    own = (folder or run_folder()) / f"model-{index}"
+    own.mkdir(mode=0o700, exist_ok=True)
+    return own
+
+
 def claim_run_folder() -> Path:
     """In the arbiter (the process whose pid names the folder): start from an empty folder and
     remove it at exit, so no mark or socket of an earlier server whose pid this one reuses can
     count, and nothing is left behind in the temp folder."""
     folder = run_folder(os.getpid())
     for stale in folder.iterdir():
-        stale.unlink(missing_ok=True)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     atexit.register(_release_run_folder, folder)
     return folder
 

@@ -6,6 +6,7 @@ settings table (``tests/unit/test_settings.py`` keeps the two in step).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +41,15 @@ class Settings(BaseSettings):
         description=(
             "Model source: 'local-dir:PATH', 'hf-hub:ORG/NAME', 'ARCH@FILE' (timm architecture "
             "+ .safetensors/.pth/.bin), or 'bento:NAME[:VERSION]' (BentoML model store)."
+        ),
+    )
+    models: str = Field(
+        "",
+        description=(
+            "Several models served at once: comma-separated 'NAME=SOURCE' (any source VIT_MODEL "
+            "takes), the first the default; each has its own batcher, queue bound and warm-up. "
+            "Requests pick one by name (/classify?model=NAME, the X-Model header, "
+            "/v2/models/NAME/...). Empty = the one model VIT_MODEL names."
         ),
     )
     device: str = Field("auto", description="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'.")
@@ -253,8 +263,25 @@ class Settings(BaseSettings):
         """Requests one HTTP worker admits at once (``max_concurrency``, 0 = auto)."""
         return self.max_concurrency or 4 * self.max_batch_size
 
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: str) -> str:
+        _parse_models(value)
+        return value
+
+    @property
+    def model_sources(self) -> list[tuple[str, str]]:
+        """The models served, ``(name, source)`` each, the default first: ``VIT_MODELS``, or
+        ``VIT_MODEL`` alone with no name (the checkpoint names it)."""
+        return _parse_models(self.models) or [("", self.model)]
+
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
+        if len(self.model_sources) > 1 and (self.model_endpoints or self.model_bind):
+            raise ValueError(
+                "VIT_MODELS with VIT_MODEL_ENDPOINTS or VIT_MODEL_BIND: a model server run on "
+                "its own serves one model; run one per model, or leave VIT_MODELS empty"
+            )
         if self.topology == "replicas" and (self.model_endpoints or self.model_bind):
             raise ValueError(
                 "VIT_MODEL_ENDPOINTS and VIT_MODEL_BIND belong to the split topology: set "
@@ -275,6 +302,29 @@ class Settings(BaseSettings):
                 f"VIT_MAX_BATCH_SIZE ({self.max_batch_size})"
             )
         return self
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _parse_models(value: str) -> list[tuple[str, str]]:
+    """``VIT_MODELS``' ``NAME=SOURCE`` pairs, checked: names well formed and unique."""
+    models: list[tuple[str, str]] = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        name, equals, source = (part.strip() for part in entry.partition("="))
+        if not equals or not source:
+            raise ValueError(f"VIT_MODELS: {entry!r} is not NAME=SOURCE")
+        if not _MODEL_NAME.fullmatch(name):
+            raise ValueError(
+                f"VIT_MODELS: {name!r} is not a model name (letters, digits, '_', '.', '-'; "
+                "at most 64, starting with a letter or digit)"
+            )
+        if any(name == seen for seen, _ in models):
+            raise ValueError(f"VIT_MODELS: the name {name!r} is given twice")
+        models.append((name, source))
+    return models
 
 
 def load_settings() -> Settings:

@@ -55,24 +55,20 @@ class Admin:
         if method != "POST":
             raise ApiError(405, "method_not_allowed", f"Use POST here, not {method}.",
                            {"Allow": "POST"})  # fmt: skip
-        backend = worker.backend
         if path == f"{PREFIX}/index":
-            await backend.first_contact()
+            await worker.models.first_contact()
             return _json(_index(worker))
         name, _, action = path.removeprefix(_MODELS).rpartition("/")
         if not path.startswith(_MODELS) or action not in _ACTIONS or not name:
             raise ApiError(404, "not_found", f"Nothing at {method} {path}.")
+        backend = worker.models.get(name)
         info = backend.info
-        if name != info.name:
-            raise ApiError(
-                404, "unknown_model", f"No model '{name}'; this server serves '{info.name}'."
-            )
         if action == "unload":
             raise ApiError(
                 409,
                 "cannot_unload",
-                f"'{name}' is the one model this server serves: unloading it would leave "
-                "nothing to answer. Load another version instead.",
+                f"'{name}' is served from the start (VIT_MODEL, VIT_MODELS): unloading it "
+                "would leave its requests nothing to answer them. Load another version instead.",
             )
         parameters = _parameters(await _body(request))
         if action == "traffic":
@@ -104,17 +100,21 @@ class Admin:
 
 
 def _index(worker: HttpWorker) -> list[dict[str, Any]]:
-    """Each version serving, in Triton's shape, with its share of the traffic."""
-    backend = worker.backend
-    if backend.ready:
-        state = {"state": "READY", "reason": ""}
-    else:
-        state = {"state": "UNAVAILABLE", "reason": "loading or failed to load"}
-    return [
-        {"name": row["name"], "version": row["version"], **state,
-         "traffic_percent": row["traffic_percent"]}
-        for row in backend.repository()
-    ]  # fmt: skip
+    """Each version of each model serving, in Triton's shape, with its share of the traffic."""
+    rows: list[dict[str, Any]] = []
+    for model in worker.models.listing():
+        if model["state"] == "ready":
+            state = {"state": "READY", "reason": ""}
+        else:
+            state = {"state": "UNAVAILABLE", "reason": model.get("reason") or "loading"}
+        rows += [
+            {"name": row["name"], "version": row["version"], **state,
+             "traffic_percent": row["traffic_percent"]}
+            for row in model["versions"]
+        ]  # fmt: skip
+        if not model["versions"] and model["name"]:
+            rows.append({"name": model["name"], **state})
+    return rows
 
 
 async def _body(request: Request) -> bytes:

@@ -15,6 +15,7 @@ once. Refusals are counted, not access-logged: under overload a line each would 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote
 
 from ..errors import ApiError, overloaded
 from ..metrics import Metrics
@@ -22,9 +23,9 @@ from .answers import refusal_bytes
 from .reading import request_id
 
 if TYPE_CHECKING:
-    from ..backend import Backend
+    from ..backend import Models
 
-__all__ = ["ENDPOINTS", "OIP_INFER", "RESERVED", "Admission", "gated_endpoint"]
+__all__ = ["ENDPOINTS", "MODEL_HEADER", "OIP_INFER", "RESERVED", "Admission", "gated_endpoint"]
 
 # The classification routes, by path: the endpoint label their requests are counted under.
 ENDPOINTS = {"/classify": "classify", "/classify_batch": "classify_batch"}
@@ -41,6 +42,25 @@ def gated_endpoint(path: bytes) -> str | None:
     return endpoint
 
 
+# The header (beside ``?model=``) that names the model a native classification request is for.
+MODEL_HEADER = "x-model"
+_MODEL_HEADER = MODEL_HEADER.encode()
+
+
+def model_asked(url: bytes, headers: Any) -> str | None:
+    """The model a request names, from its target (``?model=``, or the protocol's
+    ``/v2/models/{name}/...``) or the ``X-Model`` header; None: the default."""
+    path, _, query = url.partition(b"?")
+    if path.startswith(b"/v2/models/"):
+        return unquote(path[len(b"/v2/models/") :].split(b"/", 1)[0].decode("latin-1"))
+    if query:
+        for name, value in parse_qsl(query.decode("latin-1")):
+            if name == "model":
+                return value
+    given = next((value for name, value in headers if name == _MODEL_HEADER), None)
+    return None if given is None else given.decode("latin-1")
+
+
 # The scope key that says the gate let a request in and reserved its place.
 RESERVED = "vit.reserved"
 
@@ -50,13 +70,13 @@ class Admission:
 
     Args:
         limit: requests this worker works on at once (``Settings.concurrency_limit``).
-        backend: the model, asked whether its queue is full.
+        models: the models, each asked whether its queue is full.
         metrics: where requests and refusals are counted.
     """
 
-    def __init__(self, limit: int, backend: Backend, metrics: Metrics) -> None:
+    def __init__(self, limit: int, models: Models, metrics: Metrics) -> None:
         self.limit = limit
-        self.backend = backend
+        self.models = models
         self.metrics = metrics
         self.active = 0  # classification requests let in (places reserved), not yet answered
         self._at_limit = overloaded(
@@ -66,19 +86,20 @@ class Admission:
         self._counters: dict[tuple[str, int], Any] = {}
         self._errors: dict[str, Any] = {}
 
-    def check(self) -> ApiError | None:
-        """The refusal for a request arriving now, if any: too many requests in this worker, or
-        the model's queue already full (its bound counts images, so one image is the least)."""
+    def check(self, model: str | None = None) -> ApiError | None:
+        """The refusal for a request for ``model`` (None: the default) arriving now, if any:
+        too many requests in this worker, or that model's queue already full (its bound counts
+        images, so one image is the least)."""
         if self.active >= self.limit:
             return self._at_limit
-        if self.backend.queue_full:
+        if self.models.queue_full(model):
             return self._queue_full
         return None
 
-    def admit(self) -> ApiError | None:
-        """Reserve a place for a request arriving now (``release`` gives it back), or the
-        refusal."""
-        refusal = self.check()
+    def admit(self, model: str | None = None) -> ApiError | None:
+        """Reserve a place for a request for ``model`` arriving now (``release`` gives it
+        back), or the refusal."""
+        refusal = self.check(model)
         if refusal is None:
             self.active += 1
         return refusal
@@ -95,7 +116,7 @@ class Admission:
         endpoint = gated_endpoint(url.partition(b"?")[0])
         if endpoint is None:
             return None
-        refusal = self.admit()
+        refusal = self.admit(model_asked(url, scope["headers"]) if len(self.models) > 1 else None)
         if refusal is None:
             scope[RESERVED] = True
             return None

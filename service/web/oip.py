@@ -63,6 +63,7 @@ from .pipeline import CLIENT_KEY, Pixels, Scored
 from .reading import Upload, request_id
 
 if TYPE_CHECKING:
+    from ..backend import Backend
     from .worker import HttpWorker
 
 __all__ = [
@@ -156,8 +157,8 @@ class Oip:
                 return await self.infer(request, name, version, rid)
             _allow(method, "GET")
             worker = self._worker()
-            await worker.backend.first_contact()
-            info = served_model(worker, name, version)
+            await worker.models.first_contact()
+            _, info = served_model(worker, name, version)
             if action == "ready":
                 ready = await worker.is_ready()
                 return _json({"name": info.name, "ready": ready}, 200 if ready else 400)
@@ -174,7 +175,7 @@ class Oip:
         """``POST .../infer``: admitted like ``/classify`` (the gate, or here), then answered."""
         worker = self._worker()
         if not request.scope.pop(RESERVED, False):  # the gate was not asked (pipelined, traced)
-            refusal = worker.admission.admit()
+            refusal = worker.admission.admit(name)
             if refusal is not None:
                 worker.admission.refused(OIP_INFER, refusal)
                 return oip_error(refusal, rid)
@@ -190,13 +191,15 @@ class Oip:
         count = 1
         try:
             with contextlib.ExitStack() as announced:
-                announced.enter_context(worker.backend.arriving(1))
-                info = served_model(worker, name, version)
+                backend, info = served_model(worker, name, version)
+                announced.enter_context(backend.arriving(1))
                 body = await _read_body(request, settings)
                 call = parse_infer(body, request.headers.get(HEADER_LENGTH), info, settings)
                 count = len(call.items)
                 key = request.headers.get(CLIENT_KEY)
-                scored = await worker.pipeline.run(call.items, call.options, announced, key)
+                scored = await worker.pipeline.run(
+                    backend, call.items, call.options, announced, key
+                )
         except ApiError as exc:
             worker.pipeline.count([exc] * count)
             return oip_error(exc, rid)
@@ -210,20 +213,19 @@ class Oip:
         return infer_response(scored, call, info, rid)
 
 
-def served_model(worker: HttpWorker, name: str, version: str | None) -> ModelInfo:
-    """The served model's info, if ``name`` and ``version`` (None: any) name it; else 404."""
-    info = worker.backend.info
-    if name != info.name:
-        raise ApiError(
-            404, "unknown_model", f"No model '{name}'; this server serves '{info.name}'."
-        )
-    if version not in (None, "", info.version):
+def served_model(worker: HttpWorker, name: str, version: str | None) -> tuple[Backend, ModelInfo]:
+    """The model ``name`` names and its info, if it serves ``version`` (None: any); else 404."""
+    backend = worker.models.get(name)
+    info = backend.info
+    serving = backend.versions()
+    if version not in (None, "") and version not in serving:
+        now = ", ".join(f"'{v}'" for v in sorted(serving, key=lambda v: (len(v), v)))
         raise ApiError(
             404,
             "unknown_version",
-            f"Model '{name}' has no version '{version}' now; it serves version '{info.version}'.",
+            f"Model '{name}' has no version '{version}' now; it serves version {now}.",
         )
-    return info
+    return backend, info
 
 
 def answered_by(scored: Sequence[Scored], info: ModelInfo) -> ModelInfo:

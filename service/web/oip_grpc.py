@@ -131,7 +131,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
         try:
-            await self.worker.backend.first_contact()
+            await self.worker.models.first_contact()
             served_model(self.worker, request.name, request.version)
         except ApiError as exc:
             await _abort(context, exc)
@@ -139,8 +139,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         try:
-            await self.worker.backend.first_contact()
-            info = served_model(self.worker, request.name, request.version)
+            await self.worker.models.first_contact()
+            _, info = served_model(self.worker, request.name, request.version)
         except ApiError as exc:
             await _abort(context, exc)
         meta = model_metadata(info)
@@ -156,7 +156,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         worker = self.worker
         rid = request_id(request.id)
-        refusal = worker.admission.admit()
+        refusal = worker.admission.admit(request.model_name)
         if refusal is not None:
             worker.admission.refused(GRPC_INFER, refusal)
             await _abort(context, refusal)
@@ -174,11 +174,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         count = 1
         try:
             with contextlib.ExitStack() as announced:
-                announced.enter_context(worker.backend.arriving(1))
-                info = served_model(worker, request.model_name, request.model_version)
+                backend, info = served_model(worker, request.model_name, request.model_version)
+                announced.enter_context(backend.arriving(1))
                 call = _call(request, info, worker.settings)
                 count = len(call.items)
-                scored = await worker.pipeline.run(call.items, call.options, announced, key)
+                scored = await worker.pipeline.run(
+                    backend, call.items, call.options, announced, key
+                )
         except ApiError as exc:
             worker.pipeline.count([exc] * count)
             return _Answer(error=exc)

@@ -96,11 +96,8 @@ _Prepared = tuple[ImageFacts | ApiError, Work | None, float]
 class Pipeline:
     """Decode -> model -> heatmaps for one HTTP worker."""
 
-    def __init__(
-        self, settings: Settings, metrics: Metrics, backend: Backend, decode_threads: int
-    ) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, decode_threads: int) -> None:
         self.metrics = metrics
-        self.backend = backend
         self.limits = ImageLimits(
             max_pixels=settings.max_pixels,
             min_side=settings.min_side,
@@ -134,12 +131,13 @@ class Pipeline:
 
     async def run(
         self,
+        backend: Backend,
         uploads: Sequence[Upload] | Sequence[Pixels],
         options: Options,
         announced: contextlib.ExitStack | None = None,
         client_key: str | None = None,
     ) -> list[Scored]:
-        """Each upload (or client-decoded image) through the model, in order; with the
+        """Each upload (or client-decoded image) through the model ``backend``, in order; with the
         response cache on, an upload seen before under the same model version and options is
         answered from it (``service/web/cache.py``).
 
@@ -151,10 +149,10 @@ class Pipeline:
         Raises:
             ApiError: the model refused the whole request (not ready, overloaded, failed).
         """
-        backend, cache = self.backend, self.cache
+        cache = self.cache
         info = backend.route(client_key)
         if not cache.enabled:
-            return await self._run(uploads, options, announced, info.version)
+            return await self._run(backend, uploads, options, announced, info.version)
         cache.served(info.name, backend.versions())
         keys = [
             cache_key(u.data, info.name, info.version, options) if isinstance(u, Upload) else None
@@ -164,7 +162,7 @@ class Pipeline:
         missed = [i for i, hit in enumerate(hits) if hit is None]
         if missed:
             picked = [uploads[i] for i in missed]
-            fresh = iter(await self._run(picked, options, announced, info.version))
+            fresh = iter(await self._run(backend, picked, options, announced, info.version))
         elif announced is not None:
             announced.close()
         scored: list[Scored] = []
@@ -176,7 +174,7 @@ class Pipeline:
                 out = hit.outcome
                 again = Outcome(out.probs, out.attention, 0, 0.0, 0.0, out.model)
                 each = Scored(hit.facts, again, 0.0, hit.heatmap_png, cache="hit")
-                self.count([again])
+                self.count([again], backend)
             scored.append(each)
         return scored
 
@@ -192,19 +190,20 @@ class Pipeline:
 
     async def _run(
         self,
+        backend: Backend,
         uploads: Sequence[Upload | Pixels],
         options: Options,
         announced: contextlib.ExitStack | None,
         version: str,
     ) -> list[Scored]:
         try:
-            prepared = await self._prepare(uploads, options)
+            prepared = await self._prepare(backend, uploads, options)
         finally:
             if announced is not None:
                 announced.close()
         good = [i for i, (_, work, _) in enumerate(prepared) if work is not None]
         works = [prepared[i][1] for i in good]
-        outcomes = await self.backend.infer(works, version)  # type: ignore[arg-type]
+        outcomes = await backend.infer(works, version)  # type: ignore[arg-type]
         done = dict(zip(good, outcomes, strict=True))
         scored: list[Scored] = []
         for index, (facts, _work, decode_s) in enumerate(prepared):
@@ -216,12 +215,13 @@ class Pipeline:
                 scored.append(Scored(facts, out, decode_s))
                 continue
             self.metrics.observe_stage("decode", decode_s)
-            scored.append(await self._painted(facts, out, decode_s, options))
-        self.count([each.result for each in scored])
+            scored.append(await self._painted(backend, facts, out, decode_s, options))
+        self.count([each.result for each in scored], backend)
         return scored
 
-    def count(self, results: Sequence[Outcome | ApiError]) -> None:
-        """Count each image's outcome (and each error's code) in the metrics."""
+    def count(self, results: Sequence[Outcome | ApiError], backend: Backend | None = None) -> None:
+        """Count each image's outcome (and each error's code) in the metrics (an answer under
+        the version that gave it: ``backend``'s when it does not say)."""
         for result in results:
             if isinstance(result, ApiError):
                 outcome = "client_error" if result.status < 500 else "server_error"
@@ -229,14 +229,15 @@ class Pipeline:
                 self.metrics.image_errors.labels(code=result.code).inc()
             else:
                 self.metrics.images.labels(outcome="ok").inc()
-                model = result.model or self.backend.info
+                model = result.model or (backend.info if backend is not None else None)
+                if model is None:
+                    continue
                 self.metrics.version_images.labels(model=model.name, version=model.version).inc()
 
     async def _prepare(
-        self, uploads: Sequence[Upload | Pixels], options: Options
+        self, backend: Backend, uploads: Sequence[Upload | Pixels], options: Options
     ) -> list[_Prepared]:
         """Decode (or, for the device, inspect) each upload: its facts or error, its Work."""
-        backend = self.backend
         on_device = backend.decodes_on_device and not options.heatmap
         min_side = backend.info.resize_size
         loop = asyncio.get_running_loop()
@@ -273,7 +274,7 @@ class Pipeline:
             )
 
     async def _painted(
-        self, facts: ImageFacts, out: Outcome, decode_s: float, options: Options
+        self, backend: Backend, facts: ImageFacts, out: Outcome, decode_s: float, options: Options
     ) -> Scored:
         """The image's Scored, with its heatmap when asked (painted in the decode pool)."""
         if not (options.heatmap and out.attention is not None and isinstance(facts, DecodedImage)):
@@ -281,7 +282,7 @@ class Pipeline:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         png = await loop.run_in_executor(
-            self._pool, heatmap_png, facts, out.attention, self.backend.info
+            self._pool, heatmap_png, facts, out.attention, backend.info
         )
         return Scored(facts, out, decode_s, png, time.perf_counter() - started)
 

@@ -31,9 +31,10 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from ..errors import ApiError, body_timeout
+from ..model.loading import ModelInfo
 from ..runtime.server import listening_host
 from ..runtime.settings import Settings
-from .admission import ENDPOINTS, RESERVED
+from .admission import ENDPOINTS, MODEL_HEADER, RESERVED
 from .answers import AnswerBuilder, JsonResponse, error_response, header_timeout_bytes
 from .oip import Oip, oip_route
 from .oip_grpc import GrpcDoor
@@ -45,6 +46,7 @@ from .schemas import (
     ClassifyResponse,
     ErrorResponse,
     ModelResponse,
+    ModelsResponse,
     OipError,
     OipInferResponse,
     OipLive,
@@ -83,7 +85,7 @@ class Front:
         self.oip = Oip(settings)
         self.grpc = GrpcDoor(settings)
         self.app = _native_api(self, settings)
-        self._answers: AnswerBuilder | None = None
+        self._answers: dict[str, AnswerBuilder] = {}  # by model name
         self._known: frozenset[str] | None = None
 
     def attach(self, worker: HttpWorker) -> None:
@@ -177,7 +179,7 @@ class Front:
         assert worker is not None, "no HTTP worker in this process"
         rid = request_id(request.headers.get("x-request-id", ""))
         if not request.scope.pop(RESERVED, False):  # the gate was not asked (a pipelined one)
-            refusal = worker.admission.admit()
+            refusal = worker.admission.admit(asked_model(request))
             if refusal is not None:  # the body stays unread (uvicorn skips it)
                 worker.admission.refused(endpoint, refusal)
                 return error_response(refusal, rid)
@@ -197,8 +199,9 @@ class Front:
             # Announced from the first byte: an idle replica's batcher waits (at most
             # VIT_MAX_WAIT_MS) for requests still being read and decoded, so they share a batch.
             with contextlib.ExitStack() as announced:
-                announced.enter_context(worker.backend.arriving(1))
-                info = worker.backend.info
+                backend = worker.models.get(asked_model(request))
+                announced.enter_context(backend.arriving(1))
+                info = backend.info
                 try:
                     async with asyncio.timeout(settings.body_timeout_s):
                         parsed = await read_request(
@@ -217,30 +220,41 @@ class Front:
                     default_attention=settings.default_attention,
                 )
                 scored = await worker.pipeline.run(
-                    parsed.uploads, options, announced, request.headers.get(CLIENT_KEY)
+                    backend, parsed.uploads, options, announced, request.headers.get(CLIENT_KEY)
                 )
         except ApiError as exc:
             worker.pipeline.count([exc] * file_count)
             return error_response(exc, rid)
         filenames = [upload.filename for upload in parsed.uploads] if batch else None
-        return self._answers_for(worker).respond(
+        return self._answers_for(worker, info).respond(
             scored, options, request_id=rid, started=started, filenames=filenames
         )
 
-    def _answers_for(self, worker: HttpWorker) -> AnswerBuilder:
-        """The answer builder for the model now served (rebuilt if the model changed)."""
-        info = worker.backend.info
-        if self._answers is None or self._answers.info is not info:
-            self._answers = AnswerBuilder(info, worker.metrics)
-        return self._answers
+    def _answers_for(self, worker: HttpWorker, info: ModelInfo) -> AnswerBuilder:
+        """The answer builder for the model ``info`` (rebuilt when its version changed)."""
+        answers = self._answers.get(info.name)
+        if answers is None or answers.info is not info:
+            answers = self._answers[info.name] = AnswerBuilder(info, worker.metrics)
+        return answers
 
     async def model(self, request: Request) -> Response:
-        """``GET /model``."""
+        """``GET /model`` (``?model=NAME``: that one; default: the default model)."""
         assert self.worker is not None, "no HTTP worker in this process"
         try:
-            return JsonResponse(await self.worker.describe())
+            return JsonResponse(await self.worker.describe(asked_model(request)))
         except ApiError as exc:
             return error_response(exc, request_id(request.headers.get("x-request-id", "")))
+
+    async def models(self, request: Request) -> Response:
+        """``GET /models``: every model served, the default first, its versions and state."""
+        assert self.worker is not None, "no HTTP worker in this process"
+        return JsonResponse({"models": self.worker.models.listing()})
+
+
+def asked_model(request: Request) -> str | None:
+    """The model a native request names: ``?model=NAME``, else the ``X-Model`` header; None:
+    the default."""
+    return request.query_params.get("model") or request.headers.get(MODEL_HEADER) or None
 
 
 def _native_api(front: Front, settings: Settings) -> FastAPI:
@@ -290,9 +304,22 @@ def _native_api(front: Front, settings: Settings) -> FastAPI:
         # Reached with VIT_TRACING=true (else Front.wrap serves /v2 before BentoML's app).
         return await front.oip.serve(request)
 
-    @app.get("/model", response_model=ModelResponse, responses={503: {"model": ErrorResponse}})
+    @app.get(
+        "/model",
+        response_model=ModelResponse,
+        responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+        summary="One model's metadata (?model=NAME; default: the default model).",
+    )
     async def model(request: Request) -> Response:
         return await front.model(request)
+
+    @app.get(
+        "/models",
+        response_model=ModelsResponse,
+        summary="The models served (VIT_MODELS), the default first: versions, traffic, state.",
+    )
+    async def models(request: Request) -> Response:
+        return await front.models(request)
 
     return app
 
@@ -354,14 +381,17 @@ def _protocol_routes(app: FastAPI, front: Front, settings: Settings) -> None:
 
 
 def _in_our_shape(scope: Any, send: Any) -> Any:
-    """``send``, with a 404 or 405 from the routing replaced by our JSON error."""
+    """``send``, with a 404 or 405 from the routing replaced by our JSON error (one of ours, a
+    route's own 404 such as ``unknown_model``, carries its request id: it passes)."""
     replaced: dict[str, Any] = {}
 
     async def shaped(message: Any) -> None:
         if message["type"] == "http.response.start" and message["status"] in (404, 405):
-            replaced["status"] = message["status"]
-            replaced["allow"] = dict(message.get("headers", [])).get(b"allow", b"").decode()
-            return
+            headers = dict(message.get("headers", []))
+            if b"x-request-id" not in headers:
+                replaced["status"] = message["status"]
+                replaced["allow"] = headers.get(b"allow", b"").decode()
+                return
         if not replaced:
             await send(message)
             return

@@ -18,6 +18,7 @@ __all__ = [
     "ErrorBody",
     "ErrorResponse",
     "ModelResponse",
+    "ModelsResponse",
     "OipError",
     "OipInferResponse",
     "OipLive",
@@ -162,6 +163,24 @@ class ModelResponse(BaseModel):
     warmup_ms: float
 
 
+class ModelVersion(BaseModel):
+    name: str
+    version: str
+    traffic_percent: int = Field(description="Its share of the model's requests.")
+
+
+class ModelEntry(BaseModel):
+    name: str | None = Field(description="None while a checkpoint-named model loads.")
+    default: bool = Field(description="What a request that names no model gets.")
+    state: str = Field(description="'ready', 'loading' or 'failed'.")
+    versions: list[ModelVersion]
+    reason: str | None = Field(None, description="Why it is not ready.")
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelEntry]
+
+
 def classify_request(file_field: str, max_images: int) -> dict[str, Any]:
     """The OpenAPI ``requestBody`` and ``parameters`` of a classification route (the handlers
     read the raw request, so FastAPI cannot infer them): the upload as multipart field
@@ -193,6 +212,8 @@ def classify_request(file_field: str, max_images: int) -> dict[str, Any]:
              "schema": {"type": "string", "enum": _ATTENTION_VALUES}},
             {"name": "heatmap", "in": "query", "description": "Add a base64 PNG heatmap.",
              "schema": {"type": "string", "enum": _HEATMAP_VALUES}},
+            {"name": "model", "in": "query", "description": "The model to ask (GET /models; "
+             "or the X-Model header); default: the default model.", "schema": {"type": "string"}},
         ],
     }  # fmt: skip
 

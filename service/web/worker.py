@@ -1,6 +1,7 @@
 """One HTTP worker process: what every front door shares.
 
-``HttpWorker`` holds the worker's model ``Backend``, its ``Admission`` and its ``Pipeline``, and
+``HttpWorker`` holds the worker's ``Models`` (a ``Backend`` each), its ``Admission`` and its
+``Pipeline``, and
 keeps each admitted request inside one envelope (``admitted``): in flight, timed and counted,
 with the request deadline (504 ``inference_timeout``) and an unexpected error (500
 ``internal_error``) answered in our shape. A front door (the native API in ``routes.py``; the
@@ -21,7 +22,7 @@ from typing import Any
 
 from fastapi.responses import Response
 
-from ..backend import Backend
+from ..backend import Backend, Models
 from ..errors import ApiError
 from ..metrics import Metrics
 from ..runtime.drain import draining
@@ -45,36 +46,41 @@ class Envelope:
 
 
 class HttpWorker:
-    """One HTTP worker: its backend, admission, pipeline and request envelope.
+    """One HTTP worker: its models, admission, pipeline and request envelope.
 
     Args:
         settings: the service's settings.
         plan: the process plan (decode threads, and what ``GET /model`` reports).
-        backend: the model, local or remote.
+        models: the models, local or remote.
         metrics: this process's metrics.
     """
 
-    def __init__(self, settings: Settings, plan: Plan, backend: Backend, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, plan: Plan, models: Models, metrics: Metrics) -> None:
         self.settings = settings
         self.plan = plan
-        self.backend = backend
+        self.models = models
         self.metrics = metrics
-        self.admission = Admission(settings.concurrency_limit, backend, metrics)
-        self.pipeline = Pipeline(settings, metrics, backend, plan.decode_threads)
+        self.admission = Admission(settings.concurrency_limit, self.models, metrics)
+        self.pipeline = Pipeline(settings, metrics, plan.decode_threads)
+
+    @property
+    def backend(self) -> Backend:
+        """The default model."""
+        return self.models.default
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Before the worker listens: load the model or connect to it, warm the decoders."""
-        await self.backend.start()
+        """Before the worker listens: load the models or connect to them, warm the decoders."""
+        await self.models.start()
         self.pipeline.warm()
 
     async def is_ready(self) -> bool:
-        """``/readyz``: the model is ready, and this process is not stopping."""
-        return not draining() and await self.backend.is_ready()
+        """``/readyz``: every model is ready, and this process is not stopping."""
+        return not draining() and await self.models.is_ready()
 
     async def close(self) -> None:
-        """At the stop: the backend closes, the decode threads end."""
-        await self.backend.close()
+        """At the stop: the models close, the decode threads end."""
+        await self.models.close()
         self.pipeline.close()
 
     # --- requests --------------------------------------------------------------------------
@@ -97,7 +103,7 @@ class HttpWorker:
         envelope = Envelope()
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                await self.backend.first_contact()
+                await self.models.first_contact()
                 yield envelope
         except TimeoutError:
             message = f"Not answered within {self.settings.request_timeout_s} s; retry later."
@@ -125,13 +131,14 @@ class HttpWorker:
         self.admission.refused(endpoint, error)
         return shape(error, request_id)
 
-    async def describe(self) -> dict[str, Any]:
-        """``GET /model``: the model and this server's process layout.
+    async def describe(self, name: str | None = None) -> dict[str, Any]:
+        """``GET /model``: the model ``name`` names (default: the default one) and this
+        server's process layout.
 
         Raises:
-            ApiError: 503 while no model is loaded.
+            ApiError: 503 while no model is loaded; 404 for a name not served.
         """
-        backend, plan = self.backend, self.plan
+        backend, plan = self.models.get(name), self.plan
         await backend.first_contact()  # a fresh worker: wait for its first word, as requests do
         runtime: dict[str, Any] = {
             "topology": plan.topology,

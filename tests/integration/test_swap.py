@@ -2,7 +2,8 @@
 both topologies (two replicas; two HTTP workers and a model process): the load call reaches one
 HTTP worker, every process that serves the model switches before it returns, nothing fails,
 ``/readyz`` never flaps, and the answers show the new weights. A process restarted later serves
-what the others serve; a canary takes its share."""
+what the others serve; a canary takes its share. The server serves a second model beside the
+first (``VIT_MODELS``): it answers by its name, and each process holds both."""
 
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ class Answer:
 def swap_server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
+    second = shifted_digits(tmp_path_factory.mktemp("second"))
     env = {
+        "VIT_MODELS": f"vit-digits=local-dir:{DIGITS_DIR},second={second}",
         "VIT_TOPOLOGY": request.param,
         "VIT_WORKERS": "2",
         "VIT_DTYPE": "float32",
@@ -54,12 +57,15 @@ def swap_server(
         yield running
 
 
-def _ask(url: str) -> Answer:
+def _ask(url: str, model: str = "vit-digits") -> Answer:
     """One request on a connection of its own (the kernel spreads connections over the two
     workers' sockets)."""
     start = time.time()
     try:
-        response = httpx.post(f"{url}/classify", files={"image": ("d.png", IMAGE)}, timeout=60)
+        response = httpx.post(
+            f"{url}/classify", params={"model": model}, files={"image": ("d.png", IMAGE)},
+            timeout=60,
+        )  # fmt: skip
     except httpx.HTTPError:
         return Answer(start, time.time(), 0, None, None)
     end = time.time()
@@ -69,6 +75,11 @@ def _ask(url: str) -> Answer:
     return Answer(start, end, 200, body["model"]["version"], body["predictions"][0]["label"])
 
 
+def _next(top: str | None) -> str:
+    """What the shifted head answers where the digits model answers ``top``: the next digit."""
+    return str((int(str(top)) + 1) % 10)
+
+
 def _load(url: str, source: str) -> httpx.Response:
     return httpx.post(
         f"{url}/v2/repository/models/vit-digits/load",
@@ -76,6 +87,29 @@ def _load(url: str, source: str) -> httpx.Response:
         headers=AUTH,
         timeout=300,
     )
+
+
+def test_two_models_answer_by_name_from_every_process(swap_server: Server) -> None:
+    url = swap_server.url
+    listed = httpx.get(f"{url}/models", timeout=30).json()["models"]
+    assert [(m["name"], m["default"], m["state"]) for m in listed] == [
+        ("vit-digits", True, "ready"),
+        ("second", False, "ready"),
+    ]
+    # Fresh connections reach both HTTP workers (and, in split, the model process's two
+    # sockets): the default answers the digit, ``second`` (the shifted head) the next one.
+    first = {(a.status, a.version, a.top) for a in (_ask(url) for _ in range(12))}
+    second = {(a.status, a.version, a.top) for a in (_ask(url, "second") for _ in range(12))}
+    assert len(first) == 1 and next(iter(first))[:2] == (200, "1"), first
+    assert second == {(200, "1", _next(next(iter(first))[2]))}
+    unknown = httpx.post(f"{url}/classify?model=third", files={"image": ("d.png", IMAGE)})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_model"
+    with triton.InferenceServerClient(f"127.0.0.1:{swap_server.grpc_port}") as client:
+        image = triton.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([IMAGE], dtype=np.object_))
+        answer = client.infer("second", [image]).get_response()
+        assert (answer.model_name, answer.model_version) == ("second", "1")
+        assert client.get_model_metadata("second").name == "second"
 
 
 def test_a_swap_under_load_fails_nothing_and_every_replica_switches(
@@ -126,20 +160,20 @@ def test_a_swap_under_load_fails_nothing_and_every_replica_switches(
     after = [a for a in answers if a.start > returned]
     assert before and after
     assert {(a.version, a.top) for a in before} == {("1", v1_top)}
-    v2_top = str((int(str(v1_top)) + 1) % 10)  # the shifted head answers the next digit
+    v2_top = _next(v1_top)
     assert {(a.version, a.top) for a in after} == {("2", v2_top)}
     # Fresh connections reach both workers: every one answers with version 2 now.
     assert {(a.version, a.top) for a in (_ask(url) for _ in range(20))} == {("2", v2_top)}
     index = httpx.post(f"{url}/v2/repository/index", headers=AUTH).json()
     assert index == [
-        {
-            "name": "vit-digits",
-            "version": "2",
-            "state": "READY",
-            "reason": "",
-            "traffic_percent": 100,
-        }
-    ]
+        {"name": name, "version": version, "state": "READY", "reason": "",
+         "traffic_percent": 100}
+        for name, version in (("vit-digits", "2"), ("second", "1"))
+    ]  # fmt: skip
+    # The other model was left alone.
+    assert {(a.version, a.top) for a in (_ask(url, "second") for _ in range(6))} == {
+        ("1", _next(v1_top))
+    }
 
 
 def test_a_failed_load_keeps_the_version_serving_and_the_token_is_required(
@@ -221,6 +255,9 @@ def test_a_process_restarted_after_a_swap_serves_what_the_others_serve(
     # served name (not its source folder's).
     assert {v for _, v in seen} == {f"vit-digits:{version}"}  # type: ignore[misc]
     assert {_ask(url).version for _ in range(20)} == {version}
+    # It holds the second model too.
+    digit = _ask(url).top  # the shifted head's own answer (the version loaded above)
+    assert {(a.status, a.top) for a in (_ask(url, "second") for _ in range(20))} == {(200, digit)}
 
 
 def test_a_canary_takes_its_share_across_both_replicas(swap_server: Server, tmp_path: Path) -> None:

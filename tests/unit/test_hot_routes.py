@@ -17,6 +17,7 @@ import orjson
 import prometheus_client
 import pytest
 
+from service.backend import Models
 from service.errors import ApiError
 from service.metrics import Metrics, create_metrics
 from service.model.engine import Outcome, Work
@@ -104,7 +105,7 @@ class _Served:
         plan = make_plan(self.settings, cpus=1, cuda_devices=0, model_bytes=0)
         self.metrics: Metrics = create_metrics(8, prometheus_client.CollectorRegistry())
         self.backend = _Backend(behaviour, info)
-        self.worker = HttpWorker(self.settings, plan, self.backend, self.metrics)
+        self.worker = HttpWorker(self.settings, plan, Models([("", self.backend)]), self.metrics)
         self.backend.worker = self.worker
         self.front = Front(self.settings)
         self.front.attach(self.worker)

@@ -33,7 +33,7 @@ def test_a_worker_decodes_every_format_on_every_decode_thread_before_it_listens(
 
     monkeypatch.setattr(pipeline_module, "decode_image", counting)
     metrics = create_metrics(8, prometheus_client.CollectorRegistry())
-    pipeline = Pipeline(Settings(), metrics, backend=None, decode_threads=3)  # type: ignore[arg-type]
+    pipeline = Pipeline(Settings(), metrics, decode_threads=3)
     try:
         pipeline.warm()
         threads = {name for name, _ in seen}

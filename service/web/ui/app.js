@@ -1,4 +1,5 @@
-// ViT Serve web page: calls the public API (/model, /classify, /classify_batch) like any client.
+// ViT Serve web page: calls the public API (/models, /model, /classify, /classify_batch) like
+// any client.
 "use strict";
 (() => {
   const $ = (sel, root = document) => root.querySelector(sel);
@@ -18,7 +19,7 @@
   const ui = {
     drop: $("#dropzone"), input: $("#file-input"), topK: $("#top-k"), status: $("#status"),
     results: $("#results"), model: $("#model"), summary: $("#model-summary"),
-    fields: $("#model-fields"), card: $("#card-t"),
+    fields: $("#model-fields"), card: $("#card-t"), pick: $("#model-pick"),
   };
   const state = { model: null, files: [], run: 0, urls: [] };
   const TITLES = {
@@ -30,10 +31,38 @@
   };
 
   // --- model panel -------------------------------------------------------------------------
+  // The model picked (null: the server's default); the picker lists what GET /models says.
+  const picked = () => ui.pick.value || null;
+  const withModel = (path) => (picked() ? `${path}?model=${encodeURIComponent(picked())}` : path);
+
+  async function loadModels() {
+    try {
+      const res = await fetch("/models", { headers: { Accept: "application/json" } });
+      const body = await res.json();
+      const names = body.models.map((m) => m.name).filter((n) => n);
+      if (!names.length) throw new Error("no model named yet");
+      const was = picked();
+      ui.pick.replaceChildren(...body.models.filter((m) => m.name).map((m) => {
+        const versions = m.versions.map((v) => `v${v.version}${v.traffic_percent < 100 ? ` ${v.traffic_percent}%` : ""}`);
+        const text = `${m.name}${m.default ? " (default)" : ""}${versions.length ? ` · ${versions.join(", ")}` : ` · ${m.state}`}`;
+        return el("option", { value: m.name, "data-state": m.state }, text);
+      }));
+      if (was && names.includes(was)) ui.pick.value = was;
+      ui.pick.disabled = names.length < 2;
+    } catch (err) {
+      setTimeout(loadModels, 3000);
+    }
+  }
+
+  ui.pick.addEventListener("change", () => {
+    ui.model.dataset.state = "loading";
+    loadModel();
+  });
+
   async function loadModel() {
     let body;
     try {
-      const res = await fetch("/model", { headers: { Accept: "application/json" } });
+      const res = await fetch(withModel("/model"), { headers: { Accept: "application/json" } });
       body = await res.json();
       if (!res.ok) throw new Error(body.error ? body.error.message : `HTTP ${res.status}`);
     } catch (err) {
@@ -282,7 +311,7 @@
       for (const { file } of group) form.append(batch ? "images" : "image", file, file.name);
       let answers;
       try {
-        const res = await fetch(batch ? "/classify_batch" : "/classify", { method: "POST", body: form });
+        const res = await fetch(withModel(batch ? "/classify_batch" : "/classify"), { method: "POST", body: form });
         const body = await res.json().catch(() => null);
         if (run !== state.run) return;
         if (!res.ok) {
@@ -541,5 +570,6 @@
     return box;
   }
 
+  loadModels();
   loadModel();
 })();

@@ -18,6 +18,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
 from harness.serving import Server, serve
+from harness.versions import DIGITS_DIR, shifted_digits
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -40,7 +41,15 @@ CHROMIUM_FLAGS = (
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serve({"VIT_ACCESS_LOG": "false"}, tmp_path_factory.mktemp("serve")) as running:
+    """The digits model, and beside it ``digits-next`` (its head rolled by one: it answers each
+    digit as the next), for the page's model picker."""
+    folder = tmp_path_factory.mktemp("serve")
+    second = shifted_digits(folder / "digits-next")
+    env = {
+        "VIT_ACCESS_LOG": "false",
+        "VIT_MODELS": f"vit-digits=local-dir:{DIGITS_DIR},digits-next={second}",
+    }
+    with serve(env, folder) as running:
         yield running
 
 

@@ -262,6 +262,46 @@ def test_page_loads_with_model_panel(page: webdriver.Chrome, server: Server, sho
     assert _console_problems(page) == []
 
 
+def test_the_model_picker_sends_the_model_picked(
+    page: webdriver.Chrome, server: Server, tmp_path: Path
+) -> None:
+    picker = _testid(page, "model-pick")[0]
+    WebDriverWait(page, 20).until(
+        lambda d: len(_testid(d, "model-pick")[0].find_elements(By.TAG_NAME, "option")) == 2
+    )
+    options = picker.find_elements(By.TAG_NAME, "option")
+    assert [_attr(o, "value") for o in options] == ["vit-digits", "digits-next"]
+    assert options[0].text.startswith("vit-digits (default) · v1")
+    assert picker.is_enabled() and _attr(picker, "value") == "vit-digits"
+
+    index = 3
+    digit = _digit_png(tmp_path, index)
+    _upload(page, digit)
+    answered = _card(page, digit.name).find_element(By.CSS_SELECTOR, '[data-field="model_version"]')
+    assert answered.text == "vit-digits version 1"
+
+    # Pick the other model: the panel describes it, and the next upload goes to it.
+    page.execute_script(
+        "const s = arguments[0]; s.value = 'digits-next';"
+        "s.dispatchEvent(new Event('change', {bubbles: true}));",
+        picker,
+    )
+    WebDriverWait(page, 20).until(
+        lambda d: (
+            d.find_element(By.ID, "model").get_attribute("data-state") == "ready"
+            and d.find_element(By.CSS_SELECTOR, '#model-fields dd[data-field="name"]').text
+            == "digits-next"
+        )
+    )
+    _upload(page, digit)
+    card = _card(page, digit.name)
+    answered = card.find_element(By.CSS_SELECTOR, '[data-field="model_version"]')
+    assert answered.text == "digits-next version 1"
+    top = _attr(_testid(card, "prediction")[0], "data-label")
+    assert top == str((int(SPLIT.y_test[index]) + 1) % 10)  # the rolled head's answer
+    assert _console_problems(page) == []
+
+
 def test_digit_result_with_heatmap_grid_and_timing(
     page: webdriver.Chrome, shots: Path, tmp_path: Path
 ) -> None:
@@ -394,7 +434,7 @@ def test_bad_upload_shows_its_error_and_the_rest_still_works(
     page.save_screenshot(str(shots / "unsupported.png"))
     url = re.escape(page.current_url.split("/ui")[0])
     expected_415 = re.compile(
-        rf"{url}/classify - Failed to load resource: the server responded with a status of 415 "
+        rf"{url}/classify(\?model=vit-digits)? - Failed to load resource: the server responded with a status of 415 "
         r"\(Unsupported Media Type\)"
     )
     assert _console_problems(page, allowed=(expected_415,)) == []

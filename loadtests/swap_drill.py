@@ -5,6 +5,7 @@ the response cache against no cache.
     python -m loadtests.swap_drill swap --topology split    # HTTP workers + a model process
     python -m loadtests.swap_drill swap --model vit-small   # memory that shows: 22M params
     python -m loadtests.swap_drill cache                # repeated uploads, cache on vs off
+    python -m loadtests.swap_drill models               # two models vs one on the same cores
 
 ``swap``: one ``bentoml serve`` of two replicas (``VIT_WORKERS=2``; with ``--topology split``,
 two HTTP workers and a model process). Its capacity is measured
@@ -22,7 +23,13 @@ changed version, memory before / peak during / after, and the failed load's answ
 closed loop of 32 clients sending 64 distinct digit uploads round-robin for ``--seconds``:
 req/s, p50/p99, and the hit ratio from ``vit_cache_lookups_total``.
 
-Results: ``results/swap-drill-<model>-<topology>.json`` and ``results/cache.json``.
+``models``: one model (digits) served alone, then two (digits and its shifted head,
+``VIT_MODELS``) on the same cores (``--topology``), each under a closed loop of 32 clients for
+``--seconds``: to the one model, then half the requests to each by ``?model=``: req/s in all and
+per model, p50/p99, the workers' RSS.
+
+Results: ``results/swap-drill-<model>-<topology>.json``, ``results/cache.json`` and
+``results/models-<topology>.json``.
 """
 
 from __future__ import annotations
@@ -50,9 +57,10 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 RESULTS = REPO / "results"
 
 
-def _classify(upload: bytes, kind: str = "classify") -> Request:
+def _classify(upload: bytes, kind: str = "classify", model: str = "") -> Request:
     body, content_type = multipart({}, [("image", "d.png", upload)])
-    return Request(kind, "POST", "/classify", body, (("Content-Type", content_type),))
+    path = f"/classify?model={model}" if model else "/classify"
+    return Request(kind, "POST", path, body, (("Content-Type", content_type),))
 
 
 def _workers(server: Server) -> list[psutil.Process]:
@@ -250,9 +258,38 @@ def cache(seconds: float, work: Path) -> dict[str, Any]:
     return {"rows": rows, "speedup": round(on["req_per_s"] / off["req_per_s"], 2)}
 
 
+def models(seconds: float, work: Path, topology: str) -> dict[str, Any]:
+    uploads = [digit(i, 64, i % 2 == 1) for i in range(64)]
+    sources = {"digits": f"local-dir:{DIGITS_DIR}", "second": shifted_digits(work / "second")}
+    rows: list[dict[str, Any]] = []
+    for names in (["digits"], ["digits", "second"]):
+        env = {"VIT_TOPOLOGY": topology, "VIT_WORKERS": "2", "VIT_DTYPE": "float32",
+               "VIT_ACCESS_LOG": "false", "VIT_CACHE_BYTES": "0",
+               "VIT_MODELS": ",".join(f"{name}={sources[name]}" for name in names)}  # fmt: skip
+        # Interleaved: every client sends to each model in turn.
+        requests = [_classify(u, name, name) for u in uploads for name in names]
+        folder = work / f"models-{len(names)}-{topology}"
+        folder.mkdir(parents=True, exist_ok=True)
+        with serve(env, folder) as server:
+            run_loop(run_closed_loop(server.url, requests, clients=8, duration_s=2))  # warm
+            result = run_loop(run_closed_loop(server.url, requests, clients=32, duration_s=seconds))
+            rss = _rss_mib(_workers(server))
+        rows.append({
+            "models": names,
+            "req_per_s": round(result.goodput(), 1),
+            "per_model": {name: {"req_per_s": round(result.goodput(name), 1),
+                                 "latency_ms": result.percentiles(name)} for name in names},
+            "failed": result.offered - result.good(),
+            "workers_rss_mib": round(rss, 1),
+        })  # fmt: skip
+    one, two = rows
+    return {"topology": topology, "rows": rows,
+            "two_vs_one": round(two["req_per_s"] / one["req_per_s"], 3)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("drill", choices=["swap", "cache"])
+    parser.add_argument("drill", choices=["swap", "cache", "models"])
     parser.add_argument("--model", default="digits", choices=["digits", "vit-small"])
     parser.add_argument("--topology", default="replicas", choices=["replicas", "split"])
     parser.add_argument("--seconds", type=float, default=30.0)
@@ -264,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.drill == "swap":
         payload = swap(args.model, args.seconds, args.at, args.load, args.work, args.topology)
         name = f"swap-drill-{args.model}-{args.topology}"
+    elif args.drill == "models":
+        payload = models(args.seconds, args.work, args.topology)
+        name = f"models-{args.topology}"
     else:
         payload = cache(args.seconds, args.work)
         name = "cache"

@@ -79,6 +79,19 @@ def _load_message(exc: Exception) -> str:
     return message if message.endswith(".") else f"{message}."
 
 
+# Per device in this process: the batch running now. Several models (VIT_MODELS), or two
+# versions, on one device take turns: a batch runs with all the process's intra-op threads, and
+# the other model's requests gather into its next batch meanwhile, rather than two half batches
+# competing for the same cores.
+_TURNS: dict[str, threading.Lock] = {}
+_TURNS_LOCK = threading.Lock()
+
+
+def _turn(device: str) -> threading.Lock:
+    with _TURNS_LOCK:
+        return _TURNS.setdefault(device, threading.Lock())
+
+
 # A version in service: its engine and its batcher.
 _Version = tuple[Any, MicroBatcher[Work, Any]]
 
@@ -210,8 +223,15 @@ class ModelRunner:
         )
         warmup_ms = engine.warmup(settings.max_batch_size)
         # On a GPU a batch is prepared on its own thread and stream while the one before runs.
+        run = engine.finish if engine.overlaps else engine.run_works
+        turn = _turn(engine.info.device)
+
+        def run_batch(batch: Any) -> Any:
+            with turn:
+                return run(batch)
+
         batcher: MicroBatcher[Work, Any] = MicroBatcher(
-            engine.finish if engine.overlaps else engine.run_works,
+            run_batch,
             prepare=engine.prepare if engine.overlaps else None,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1e3,

@@ -261,6 +261,7 @@ class RemoteBackend(ModelClient):
 
     async def start(self) -> None:
         self.connect()
+        self.metrics.prepare(stages=("transport",))
         settle_heap()
 
     async def is_ready(self) -> bool:

@@ -51,13 +51,27 @@ class Metrics:
         # on first use (a stage this process never runs gets no series).
         object.__setattr__(self, "_stages", {})
 
-    def observe_stage(self, stage: str, seconds: float) -> None:
-        """Record one stage's duration."""
+    def prepare(self, stages: tuple[str, ...] = (), endpoints: tuple[str, ...] = ()) -> None:
+        """Make the series a request will write before the first request comes (at 0, as
+        Prometheus advises for labels known in advance): in multiprocess mode a histogram's
+        first child writes its ~20 samples into the worker's memory-mapped file, 0.4-0.7 ms
+        each, which the first answer after ``/readyz`` would otherwise pay (ready means warm).
+        Only ``stages`` this process runs: a stage never run gets no series."""
+        for stage in stages:
+            self._child(stage)
+        for endpoint in endpoints:
+            self.request_seconds.labels(endpoint=endpoint)
+
+    def _child(self, stage: str) -> Any:
         stages: dict[str, Any] = self._stages  # type: ignore[attr-defined]
         child = stages.get(stage)
         if child is None:
             child = stages[stage] = self.stage_seconds.labels(stage=stage)
-        child.observe(seconds)
+        return child
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        """Record one stage's duration."""
+        self._child(stage).observe(seconds)
 
 
 def create_metrics(max_batch_size: int, registry: Any = None) -> Metrics:

@@ -118,6 +118,14 @@ class MicroBatcher(Generic[In, Out]):
         self._last_prepare_s = 0.0  # and its preparation's
         self.gate: Gate | None = None
 
+    def on_model_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the model thread (and the preparing thread, with ``prepare``) before
+        any batch, and wait (blocking; not on the event loop): the threads are started and
+        ``fn`` warms them for the first request (ready means warm)."""
+        if self._preparer is not None:
+            self._preparer.submit(fn).result()
+        return self._executor.submit(fn).result()
+
     @property
     def queued(self) -> int:
         """Items waiting for a batch."""

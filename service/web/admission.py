@@ -25,12 +25,22 @@ from .reading import request_id
 if TYPE_CHECKING:
     from ..backend import Models
 
-__all__ = ["ENDPOINTS", "MODEL_HEADER", "OIP_INFER", "RESERVED", "Admission", "gated_endpoint"]
+__all__ = [
+    "ENDPOINTS",
+    "GRPC_INFER",
+    "MODEL_HEADER",
+    "OIP_INFER",
+    "RESERVED",
+    "Admission",
+    "gated_endpoint",
+]
 
 # The classification routes, by path: the endpoint label their requests are counted under.
 ENDPOINTS = {"/classify": "classify", "/classify_batch": "classify_batch"}
 # The Open Inference Protocol's infer (``POST /v2/models/{name}[/versions/{v}]/infer``).
 OIP_INFER = "oip_infer"
+# The same over gRPC (``ModelInfer``).
+GRPC_INFER = "oip_grpc_infer"
 _GATED = {path.encode(): endpoint for path, endpoint in ENDPOINTS.items()}
 
 

@@ -40,6 +40,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..errors import ApiError
 from ..runtime.settings import Settings
+from .admission import GRPC_INFER
 from .oip import (
     InferCall,
     answered_by,
@@ -60,7 +61,6 @@ __all__ = ["GRPC_INFER", "GrpcDoor", "status_code"]
 
 _logger = logging.getLogger(__name__)
 
-GRPC_INFER = "oip_grpc_infer"
 _SERVICE = "inference.GRPCInferenceService"
 # Larger than any answer: probabilities and attention are small, a heatmap is a PNG per image.
 _MAX_SEND_BYTES = 256 * 1024 * 1024

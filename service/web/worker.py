@@ -29,7 +29,7 @@ from ..runtime.drain import draining
 from ..runtime.plan import Plan
 from ..runtime.server import serving_runtime
 from ..runtime.settings import Settings
-from .admission import Admission
+from .admission import ENDPOINTS, GRPC_INFER, OIP_INFER, Admission
 from .answers import describe_model, error_response
 from .pipeline import Pipeline
 
@@ -73,6 +73,9 @@ class HttpWorker:
         """Before the worker listens: load the models or connect to them, warm the decoders."""
         await self.models.start()
         self.pipeline.warm()
+        grpc = (GRPC_INFER,) if self.settings.grpc_port else ()
+        endpoints = (*ENDPOINTS.values(), OIP_INFER, *grpc)
+        self.metrics.prepare(stages=("decode", "postprocess"), endpoints=endpoints)
 
     async def is_ready(self) -> bool:
         """``/readyz``: every model is ready, and this process is not stopping."""

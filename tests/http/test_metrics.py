@@ -87,3 +87,33 @@ def test_durations_are_observed_and_nothing_stays_in_flight(
     assert app.metric("vit_inflight_requests") == 0
     model = {"model": tiny_dir.name, "source": f"local-dir:{tiny_dir}"}
     assert app.metric("vit_model_info", **model, version="1", dtype="float32", device="cpu") == 1
+
+
+def test_the_series_a_request_writes_exist_before_the_first_request(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """Ready means warm: a histogram's first series is made before ready, at 0 (in
+    multiprocess mode making one costs the first request ~0.5 ms each); a stage or a door this
+    worker does not run gets none."""
+    from tests.http.conftest import serve_in_process, settings_for, wait_until_ready
+
+    with serve_in_process(settings_for(tiny_dir), tmp_path / "run") as fresh:
+        wait_until_ready(fresh)
+        stages = {
+            dict(labels)["stage"]: value
+            for (name, labels), value in fresh.samples("vit_stage_duration_seconds_count").items()
+        }
+        assert stages == dict.fromkeys(
+            ("decode", "queue", "preprocess", "forward", "attention", "postprocess"), 0.0
+        )
+        endpoints = {
+            dict(labels)["endpoint"]: value
+            for (name, labels), value in fresh.samples("vit_request_duration_seconds_count").items()
+        }
+        assert endpoints == dict.fromkeys(
+            ("classify", "classify_batch", "oip_infer", "oip_grpc_infer"), 0.0
+        )
+        response = fresh.client.post("/classify", files={"image": ("a.png", png())})
+        assert response.status_code == 200
+        assert fresh.metric("vit_request_duration_seconds_count", endpoint="classify") == 1
+        assert fresh.metric("vit_stage_duration_seconds_count", stage="forward") == 1

@@ -505,6 +505,9 @@ def test_request_durations_are_exported(live: Live, traffic: Sent) -> None:
     assert by_endpoint == {
         "classify": traffic.classify_requests,
         "classify_batch": traffic.batch_requests,
+        # Made at 0 before ready (ready means warm), both protocol doors open, none asked.
+        "oip_infer": 0,
+        "oip_grpc_infer": 0,
     }, "vit_request_duration_seconds is missing or wrong on /metrics (dropped by __metrics__?)"
 
 

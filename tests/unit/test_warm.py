@@ -68,3 +68,76 @@ def test_warm_up_runs_each_pass_at_batch_1_more_than_once(
     assert (4, "rollout") in calls  # and the largest batch, every block capturing
     probs = engine.run([np.zeros((28, 28, 3), np.uint8)], ["cls"]).items[0].probs
     assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_loaded_runner_has_run_every_mode_on_its_model_thread_unrecorded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batcher's model thread is started and has run the batcher's own path (``prepare``
+    and ``finish``) in every attention mode before ready; nothing of it is counted."""
+    from service.model.engine import Engine as EngineClass
+    from service.model.runner import ModelRunner
+
+    ran: list[tuple[str, str]] = []
+    real = EngineClass.finish
+
+    def recording(self: Any, prepared: Any) -> Any:
+        ran.extend((threading.current_thread().name, mode) for mode in prepared.modes)
+        return real(self, prepared)
+
+    monkeypatch.setattr(EngineClass, "finish", recording)
+    registry = prometheus_client.CollectorRegistry()
+    settings = Settings(model=f"local-dir:{DEFAULT_MODEL_DIR}", device="cpu", dtype="float32")
+    runner = ModelRunner(settings, create_metrics(8, registry), device="cpu", threads=1)
+    runner.load()
+    try:
+        on_model_thread = {mode for name, mode in ran if name.startswith("vit-model")}
+        assert on_model_thread == set(ATTENTION_MODES)
+        # Unrecorded: no batch counted, and the stages a batch writes exist at 0 (made before
+        # ready: a histogram's first series costs the first request ~0.5 ms each).
+        assert registry.get_sample_value("vit_batch_size_count") == 0
+        for stage in ("queue", "preprocess", "forward", "attention"):
+            assert (
+                registry.get_sample_value("vit_stage_duration_seconds_count", {"stage": stage}) == 0
+            ), stage
+        assert (
+            registry.get_sample_value(
+                "vit_stage_duration_seconds_count", {"stage": "device_decode"}
+            )
+            is None
+        )  # a stage this process never runs gets no series
+    finally:
+        import asyncio
+
+        asyncio.run(runner.aclose())
+
+
+def test_a_prepared_versions_batch_thread_is_warm_and_not_at_the_loaders_priority() -> None:
+    """A version loads on a thread at nice 19 (serving keeps its cores); its batch thread must
+    not be born there: a thread inherits its creator's niceness for good."""
+    import asyncio
+    import os
+
+    from service.model.runner import LOAD_NICENESS, ModelRunner
+
+    settings = Settings(model=f"local-dir:{DEFAULT_MODEL_DIR}", device="cpu", dtype="float32")
+    metrics = create_metrics(8, prometheus_client.CollectorRegistry())
+    runner = ModelRunner(settings, metrics, device="cpu", threads=1)
+    runner.load()
+
+    def niceness() -> tuple[str, int]:
+        me = threading.current_thread()
+        return me.name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def prepare_and_ask() -> tuple[str, int]:
+        await runner.prepare(settings.model, "2")
+        assert runner._next is not None
+        return runner._next[1].on_model_thread(niceness)
+
+    try:
+        name, nice = asyncio.run(prepare_and_ask())
+        assert name.startswith("vit-model")
+        assert nice == os.getpriority(os.PRIO_PROCESS, os.getpid()) != LOAD_NICENESS
+    finally:
+        runner.drop()
+        asyncio.run(runner.aclose())

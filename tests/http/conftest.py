@@ -39,6 +39,9 @@ from bentoml._internal.server.metrics.prometheus import PrometheusClient
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
+from service.model.engine import Engine
+from service.model.imaging import decode_image
+from service.model.loading import load_model
 from service.runtime.plan import make_plan
 from service.runtime.settings import Settings
 from service.service import build
@@ -194,3 +197,25 @@ def png(width: int = 32, height: int = 32, seed: int = 0) -> bytes:
     """A noisy RGB PNG of the given size."""
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return encode(pixels)
+
+
+@pytest.fixture(scope="package")
+def v2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's architecture and labels with other weights: its answers differ (a second
+    version, or a second model)."""
+    folder = tmp_path_factory.mktemp("tiny-v2")
+    make_tiny_dir(folder, seed=1, label_names=TINY_LABELS)
+    return folder
+
+
+def offline_probs(model_dir: Path, image: bytes) -> np.ndarray:
+    """What the model in ``model_dir`` answers for ``image`` outside the server (CLS pass)."""
+    engine = Engine(load_model(f"local-dir:{model_dir}", device="cpu", dtype="float32"))
+    pixels = decode_image(image, min_short_side=engine.info.resize_size).pixels
+    return engine.run([pixels], ["cls"]).items[0].probs
+
+
+def scores(answer: dict[str, Any]) -> list[float]:
+    """An answer's scores by class index (every class: ``top_k`` = the class count)."""
+    by_index = {p["index"]: p["score"] for p in answer["predictions"]}
+    return [by_index[i] for i in range(len(TINY_LABELS))]

@@ -10,16 +10,12 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from service.model.engine import Engine
-from service.model.imaging import decode_image
-from service.model.loading import load_model
-from tests.utils import make_tiny_dir
-
 from .conftest import (
-    TINY_LABELS,
     InProcessApp,
     assert_error,
+    offline_probs,
     png,
+    scores,
     serve_in_process,
     settings_for,
     wait_until_ready,
@@ -31,34 +27,15 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def other_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model's architecture and labels with other weights: its answers differ."""
-    folder = tmp_path_factory.mktemp("tiny-other")
-    make_tiny_dir(folder, seed=3, label_names=TINY_LABELS)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def two(
-    tiny_dir: Path, other_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_dir: Path, v2_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[InProcessApp]:
     """``first`` (the default) and ``second``, the admin API on."""
-    models = f"first=local-dir:{tiny_dir},second=local-dir:{other_dir}"
+    models = f"first=local-dir:{tiny_dir},second=local-dir:{v2_dir}"
     settings = settings_for(tiny_dir, models=models, admin_token=TOKEN)
     with serve_in_process(settings, tmp_path_factory.mktemp("run")) as running:
         wait_until_ready(running)
         yield running
-
-
-def _offline(model_dir: Path, image: bytes) -> np.ndarray:
-    engine = Engine(load_model(f"local-dir:{model_dir}", device="cpu", dtype="float32"))
-    pixels = decode_image(image, min_short_side=engine.info.resize_size).pixels
-    return engine.run([pixels], ["cls"]).items[0].probs
-
-
-def _scores(answer: dict) -> np.ndarray:
-    by_index = {p["index"]: p["score"] for p in answer["predictions"]}
-    return np.array([by_index[i] for i in range(len(TINY_LABELS))])
 
 
 def _classify(client: TestClient, image: bytes, path: str = "/classify", **kw: object) -> dict:
@@ -79,9 +56,9 @@ def test_models_lists_each_model_the_default_first(two: InProcessApp) -> None:
         ]
 
 
-def test_each_model_answers_by_its_name(two: InProcessApp, tiny_dir: Path, other_dir: Path) -> None:
+def test_each_model_answers_by_its_name(two: InProcessApp, tiny_dir: Path, v2_dir: Path) -> None:
     client, image = two.client, png(seed=11)
-    first, second = _offline(tiny_dir, image), _offline(other_dir, image)
+    first, second = offline_probs(tiny_dir, image), offline_probs(v2_dir, image)
     assert not np.allclose(first, second, atol=1e-3)  # the two models can be told apart
     answers = {
         "default": _classify(client, image),
@@ -96,7 +73,7 @@ def test_each_model_answers_by_its_name(two: InProcessApp, tiny_dir: Path, other
         ("header", second, "second"),
     ):
         assert answers[key]["model"]["name"] == name, key
-        assert np.allclose(_scores(answers[key]), expected, atol=1e-4), key
+        assert np.allclose(scores(answers[key]), expected, atol=1e-4), key
     batch = client.post(
         "/classify_batch?model=second",
         files=[("images", ("a.png", image)), ("images", ("b.png", image))],
@@ -105,17 +82,17 @@ def test_each_model_answers_by_its_name(two: InProcessApp, tiny_dir: Path, other
     assert batch.status_code == 200, batch.text
     for item in batch.json():
         assert item["model"]["name"] == "second"
-        assert np.allclose(_scores(item), second, atol=1e-4)
+        assert np.allclose(scores(item), second, atol=1e-4)
     # Counted under the model that answered.
     assert two.metric("vit_version_images_total", model="second", version="1") >= 4
 
 
-def test_the_protocol_serves_each_model_by_name(two: InProcessApp, other_dir: Path) -> None:
+def test_the_protocol_serves_each_model_by_name(two: InProcessApp, v2_dir: Path) -> None:
     client, image = two.client, png(seed=12)
     meta = client.get("/v2/models/second")
     assert meta.status_code == 200, meta.text
     assert meta.json()["name"] == "second"
-    assert meta.json()["parameters"]["source"] == f"local-dir:{other_dir}"
+    assert meta.json()["parameters"]["source"] == f"local-dir:{v2_dir}"
     assert client.get("/v2/models/second/ready").json() == {"name": "second", "ready": True}
     answer = infer(client, "second", {"inputs": [image_input(image)]})
     assert answer.status_code == 200, answer.text
@@ -140,12 +117,12 @@ def test_a_name_not_served_is_refused_in_every_door(two: InProcessApp) -> None:
     assert version.json()["error"].startswith("unknown_version:")
 
 
-def test_get_model_describes_the_one_named(two: InProcessApp, other_dir: Path) -> None:
+def test_get_model_describes_the_one_named(two: InProcessApp, v2_dir: Path) -> None:
     default = two.client.get("/model").json()
     assert default["model"]["name"] == "first"
     second = two.client.get("/model", params={"model": "second"}).json()
     assert second["model"]["name"] == "second"
-    assert second["model"]["source"] == f"local-dir:{other_dir}"
+    assert second["model"]["source"] == f"local-dir:{v2_dir}"
 
 
 def test_a_version_loads_for_one_model_and_leaves_the_other(
@@ -167,7 +144,7 @@ def test_a_version_loads_for_one_model_and_leaves_the_other(
     assert loaded.json()["name"] == "second" and loaded.json()["version"] == "2"
     answer = _classify(client, image, "/classify?model=second")
     assert answer["model"]["version"] == "2"
-    assert np.allclose(_scores(answer), _offline(tiny_dir, image), atol=1e-4)
+    assert np.allclose(scores(answer), offline_probs(tiny_dir, image), atol=1e-4)
     assert _classify(client, image)["model"] == {
         **_classify(client, image)["model"],
         "name": "first",

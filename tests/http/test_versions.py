@@ -11,16 +11,13 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from service.model.engine import Engine
-from service.model.imaging import decode_image
-from service.model.loading import load_model
 from service.runtime.swaps import takes_canary
-from tests.utils import make_tiny_dir
 
 from .conftest import (
-    TINY_LABELS,
     InProcessApp,
+    offline_probs,
     png,
+    scores,
     serve_in_process,
     settings_for,
     wait_until_ready,
@@ -28,14 +25,6 @@ from .conftest import (
 
 TOKEN = "s3cret-t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def v2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model's architecture and labels with other weights: its answers differ."""
-    folder = tmp_path_factory.mktemp("tiny-v2")
-    make_tiny_dir(folder, seed=1, label_names=TINY_LABELS)
-    return folder
 
 
 @pytest.fixture
@@ -59,17 +48,6 @@ def _load(client: TestClient, name: str, body: object, headers: dict | None = No
         json=body,
         headers=AUTH if headers is None else headers,
     )
-
-
-def _offline(model_dir: Path, image: bytes) -> np.ndarray:
-    engine = Engine(load_model(f"local-dir:{model_dir}", device="cpu", dtype="float32"))
-    pixels = decode_image(image, min_short_side=engine.info.resize_size).pixels
-    return engine.run([pixels], ["cls"]).items[0].probs
-
-
-def _scores(answer: dict) -> list[float]:
-    by_index = {p["index"]: p["score"] for p in answer["predictions"]}
-    return [by_index[i] for i in range(len(TINY_LABELS))]
 
 
 # --- the token -------------------------------------------------------------------------------
@@ -119,7 +97,7 @@ def test_a_load_puts_the_new_version_in_service(
     ]
     before = _classify(client, image, top_k="7", attention="cls")
     assert before["model"]["version"] == "1"
-    assert _scores(before) == pytest.approx(_offline(tiny_dir, image).tolist(), abs=1e-5)
+    assert scores(before) == pytest.approx(offline_probs(tiny_dir, image).tolist(), abs=1e-5)
 
     response = _load(client, name, {"parameters": {"source": f"local-dir:{v2_dir}"}})
     assert response.status_code == 200, response.text
@@ -130,9 +108,9 @@ def test_a_load_puts_the_new_version_in_service(
 
     after = _classify(client, image, top_k="7", attention="cls")
     assert after["model"] == {**before["model"], "version": "2", "source": f"local-dir:{v2_dir}"}
-    expected = _offline(v2_dir, image)
-    assert _scores(after) == pytest.approx(expected.tolist(), abs=1e-5)
-    assert not np.allclose(expected, _offline(tiny_dir, image), atol=1e-3)
+    expected = offline_probs(v2_dir, image)
+    assert scores(after) == pytest.approx(expected.tolist(), abs=1e-5)
+    assert not np.allclose(expected, offline_probs(tiny_dir, image), atol=1e-3)
     # The served name stays; the protocol's routes name the version now served.
     assert client.get("/model").json()["model"]["version"] == "2"
     meta = client.get(f"/v2/models/{name}").json()
@@ -194,7 +172,7 @@ def test_a_load_that_fails_leaves_the_old_version_serving(
         assert "/nonexistent/model" in error and "Version 1 serves on." in error
     answer = _classify(client, image, top_k="7", attention="cls")
     assert answer["model"]["version"] == "1"
-    assert _scores(answer) == pytest.approx(_offline(tiny_dir, image).tolist(), abs=1e-5)
+    assert scores(answer) == pytest.approx(offline_probs(tiny_dir, image).tolist(), abs=1e-5)
     assert client.get("/readyz").status_code == 200
 
 
@@ -223,13 +201,13 @@ def test_a_canary_gets_its_share_and_is_promoted(
     counted = {v: admin_app.metric("vit_version_images_total", model=name, version=v)
                for v in ("1", "2")}  # fmt: skip
     # 2,000 requests: 10 % +- 3 % to the canary; each answer's scores are its version's own.
-    expected = {"1": _offline(tiny_dir, image), "2": _offline(v2_dir, image)}
+    expected = {"1": offline_probs(tiny_dir, image), "2": offline_probs(v2_dir, image)}
     answers = [_classify(client, image, top_k="7", attention="none") for _ in range(2000)]
     split = Counter(a["model"]["version"] for a in answers)
     assert abs(split["2"] / 2000 - 0.10) <= 0.03, split
     for answer in answers[:50]:
         wanted = expected[answer["model"]["version"]]
-        assert _scores(answer) == pytest.approx(wanted.tolist(), abs=1e-5)
+        assert scores(answer) == pytest.approx(wanted.tolist(), abs=1e-5)
     for version in ("1", "2"):
         assert admin_app.metric(
             "vit_version_images_total", model=name, version=version

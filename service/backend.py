@@ -107,6 +107,10 @@ class Backend(Protocol):
     def versions(self) -> set[str]:
         """The versions serving now (a stable one, and maybe a canary)."""
 
+    @property
+    def canary(self) -> tuple[ModelInfo, int] | None:
+        """The canary version and its percent of the traffic, if there is one."""
+
     def repository(self) -> list[dict[str, Any]]:
         """Each version serving: name, version, its percent of the traffic."""
 

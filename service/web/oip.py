@@ -198,7 +198,7 @@ class Oip:
                 count = len(call.items)
                 key = request.headers.get(CLIENT_KEY)
                 scored = await worker.pipeline.run(
-                    backend, call.items, call.options, announced, key
+                    backend, call.items, call.options, announced, key, version or None
                 )
         except ApiError as exc:
             worker.pipeline.count([exc] * count)

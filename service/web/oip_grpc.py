@@ -179,8 +179,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 call = _call(request, info, worker.settings)
                 count = len(call.items)
                 scored = await worker.pipeline.run(
-                    backend, call.items, call.options, announced, key
-                )
+                    backend, call.items, call.options, announced, key,
+                    request.model_version or None,
+                )  # fmt: skip
         except ApiError as exc:
             worker.pipeline.count([exc] * count)
             return _Answer(error=exc)

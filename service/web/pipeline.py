@@ -33,6 +33,7 @@ from ..model.imaging import (
     image_from_pixels,
     inspect_image,
 )
+from ..model.loading import ModelInfo
 from ..runtime.settings import Settings
 from .cache import Cached, CacheKey, Facts, ResponseCache, cache_key
 from .heatmaps import heatmap_png
@@ -136,6 +137,7 @@ class Pipeline:
         options: Options,
         announced: contextlib.ExitStack | None = None,
         client_key: str | None = None,
+        version: str | None = None,
     ) -> list[Scored]:
         """Each upload (or client-decoded image) through the model ``backend``, in order; with the
         response cache on, an upload seen before under the same model version and options is
@@ -144,13 +146,14 @@ class Pipeline:
         ``announced``: the request's announcement to the batcher (``Backend.arriving``), closed
         here once the images are decoded: a replica's idle model waits for announced requests.
         ``client_key``: the client's key (``X-Client-Key``), which keeps a client with one
-        version while a canary takes a share of the requests.
+        version while a canary takes a share of the requests. ``version``: the one the request
+        names (the protocol's ``/versions/{v}``), which answers it whatever the shares.
 
         Raises:
             ApiError: the model refused the whole request (not ready, overloaded, failed).
         """
         cache = self.cache
-        info = backend.route(client_key)
+        info = backend.route(client_key) if version is None else _pinned(backend, version)
         if not cache.enabled:
             return await self._run(backend, uploads, options, announced, info.version)
         cache.served(info.name, backend.versions())
@@ -288,6 +291,21 @@ class Pipeline:
 
 
 _LOST = ApiError(500, "inference_failed", "The model gave no answer for this image.")
+
+
+def _pinned(backend: Backend, version: str) -> ModelInfo:
+    """The info of ``version`` of the model, while it serves (404 ``unknown_version`` once a
+    change retired it)."""
+    info, canary = backend.info, backend.canary
+    if info.version == version:
+        return info
+    if canary is not None and canary[0].version == version:
+        return canary[0]
+    raise ApiError(
+        404,
+        "unknown_version",
+        f"Model '{info.name}' has no version '{version}' now; it serves version '{info.version}'.",
+    )
 
 
 def _warm_samples() -> list[bytes]:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from starlette.testclient import TestClient
 
@@ -22,6 +23,7 @@ from .conftest import (
     settings_for,
     wait_until_ready,
 )
+from .test_oip import image_input
 
 TOKEN = "s3cret-t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -224,6 +226,17 @@ def test_a_canary_gets_its_share_and_is_promoted(
             for _ in range(15)
         ]  # fmt: skip
         assert {answer.json()["model"]["version"] for answer in sent} == {version}, key
+    # The protocol's version path is answered by that version, whatever the shares.
+    for version in ("1", "2"):
+        path = f"/v2/models/{name}/versions/{version}/infer"
+        pinned = [
+            client.post(path, content=orjson.dumps({"inputs": [image_input(image)]}))
+            for _ in range(20)
+        ]
+        assert {(p.status_code, p.json()["model_version"]) for p in pinned} == {(200, version)}
+        assert np.allclose(pinned[0].json()["outputs"][0]["data"], expected[version], atol=1e-5), (
+            version
+        )
     # Promoted: version 2 alone; a traffic call without a canary is refused.
     traffic = f"/v2/repository/models/{name}/traffic"
     promoted = client.post(traffic, json={"parameters": {"canary_percent": 100}}, headers=AUTH)

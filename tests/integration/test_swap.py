@@ -291,11 +291,11 @@ def test_a_canary_takes_its_share_across_both_replicas(swap_server: Server, tmp_
     # Over gRPC too: at random without a key, one version per key with one (x-client-key).
     with triton.InferenceServerClient(f"127.0.0.1:{swap_server.grpc_port}") as client:
 
-        def grpc_version(key: str | None) -> str:
+        def grpc_version(key: str | None, pin: str = "") -> str:
             image = triton.InferInput("image", [1], "BYTES")
             image.set_data_from_numpy(np.array([IMAGE], dtype=np.object_))
             headers = None if key is None else {"x-client-key": key}
-            answer = client.infer("vit-digits", [image], headers=headers)
+            answer = client.infer("vit-digits", [image], model_version=pin, headers=headers)
             return str(answer.get_response().model_version)
 
         assert {grpc_version(None) for _ in range(200)} == {stable, canary}
@@ -304,6 +304,9 @@ def test_a_canary_takes_its_share_across_both_replicas(swap_server: Server, tmp_
         to_stable = next(k for k in keys if not takes_canary(k, 10))
         assert {grpc_version(to_canary) for _ in range(10)} == {canary}
         assert {grpc_version(to_stable) for _ in range(10)} == {stable}
+        # A version asked by name answers, whatever the shares and the key.
+        assert {grpc_version(to_stable, canary) for _ in range(10)} == {canary}
+        assert {grpc_version(to_canary, stable) for _ in range(10)} == {stable}
     retired = httpx.post(f"{url}/v2/repository/models/vit-digits/traffic",
                          json={"parameters": {"canary_percent": 0}}, headers=AUTH)  # fmt: skip
     assert retired.status_code == 200 and retired.json()["traffic"] == {stable: 100}

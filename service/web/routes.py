@@ -67,7 +67,7 @@ UI_DIR = Path(__file__).parent / "ui"
 # BentoML's own pages: they get their own traffic label too.
 _BENTO_PATHS = ("/", "/docs.json", "/schema.json", "/healthz", "/livez", "/readyz", "/metrics")
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 405, 408, 413, 415, 422, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 404, 405, 408, 413, 415, 422, 503, 504)
 }
 
 

@@ -1,11 +1,12 @@
 """Schemathesis over the whole HTTP surface, from the OpenAPI document a real server publishes.
 
 The document comes from the running ``bentoml serve`` (``/docs.json``): BentoML's probes and
-``/metrics``, our ``/classify``, ``/classify_batch`` and ``/model`` with their documented
+``/metrics``, our ``/classify``, ``/classify_batch``, ``/model`` and ``/models`` with their documented
 answers, and the Open Inference Protocol's ``/v2`` routes (``service/web/routes.py``
 ``_protocol_routes``; the inference request as ``service/web/schemas.py`` ``oip_infer_request``
 describes it). Three in four of a protocol case's paths name the served model; a positive
-inference case carries our uploads as its ``image`` tensor three times in four. Our two POST routes read the raw request; the service documents their request by hand
+inference case carries our uploads as its ``image`` tensor three times in four; a positive
+``?model=`` on our routes names the served model three times in four too. Our two POST routes read the raw request; the service documents their request by hand
 (``service/schemas.py`` ``classify_request``: multipart field ``image`` / ``images`` or a raw
 body, and the ``top_k``, ``attention`` and ``heatmap`` options as ``service/options.py`` reads
 them, an empty value meaning the default), and the test checks that it does.
@@ -68,7 +69,7 @@ CASES = int(os.environ.get("FUZZ_API_CASES", "1000"))
 # The share of an operation's cases that are negative (invalid options or bodies).
 NEGATIVE_SHARE = 0.4
 
-OUR_ROUTES = frozenset({"/classify", "/classify_batch", "/model"})
+OUR_ROUTES = frozenset({"/classify", "/classify_batch", "/model", "/models"})
 # The Open Inference Protocol's routes: errors are {"error": "<code>: <message>"}.
 OIP_MODEL = "/v2/models/{model_name}"
 OIP_VERSION = f"{OIP_MODEL}/versions/{{model_version}}"
@@ -101,7 +102,7 @@ def documented(doc: dict[str, Any]) -> dict[str, Any]:
         body = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
         assert body["required"] == [file_field], body
         names = {parameter["name"] for parameter in operation["parameters"]}
-        assert names == {"top_k", "attention", "heatmap"}, names
+        assert names == {"top_k", "attention", "heatmap", "model"}, names
     return doc
 
 
@@ -330,6 +331,11 @@ def fuzz_api(url: str, cases: int) -> Run:
             # those without uploads: those are the ones Hypothesis makes most).
             if operation.path in OIP_ROUTES and (negative or ours != 3):
                 _name_the_model(case, model["model"]["name"])
+            # ``?model=`` names the served model (so a negative case is judged by the rest of
+            # it), but for one positive case in four.
+            served = operation.path in FILE_FIELDS and (negative or ours != 3)
+            if served and case.query and "model" in case.query:
+                case.query = {**case.query, "model": model["model"]["name"]}
             if operation.path in OIP_INFER and ours == 1:
                 images = images[:1]  # a request fails whole on one bad image: more pass this way
             count = None if negative or ours == 0 else _with_uploads(case, operation.path, images)
@@ -368,7 +374,7 @@ def test_fuzz_api(server: Server) -> None:
 
 # --------------------------------------------------------------------------- beyond the document
 
-_ROUTE_METHODS = {"/classify": "POST", "/classify_batch": "POST", "/model": "GET"}
+_ROUTE_METHODS = {"/classify": "POST", "/classify_batch": "POST", "/model": "GET", "/models": "GET"}
 
 
 @pytest.mark.parametrize("path", sorted(_ROUTE_METHODS))

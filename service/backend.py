@@ -41,6 +41,7 @@ __all__ = [
     "Models",
     "RemoteBackend",
     "create_backends",
+    "version_info",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -299,6 +300,22 @@ class RemoteBackend(ModelClient):
         await self.aclose()
 
 
+def version_info(backend: Backend, version: str) -> ModelInfo:
+    """The info of ``version`` of ``backend``'s model while it serves (the stable version or the
+    canary); else 404 ``unknown_version``, naming the versions that serve."""
+    info, canary = backend.info, backend.canary
+    if info.version == version:
+        return info
+    if canary is not None and canary[0].version == version:
+        return canary[0]
+    serving = ", ".join(f"'{v.version}'" for v in (info, *(canary[:1] if canary else ())))
+    raise ApiError(
+        404,
+        "unknown_version",
+        f"Model '{info.name}' has no version '{version}' now; it serves version {serving}.",
+    )
+
+
 def _served_now(info: ModelInfo, canary: tuple[ModelInfo, int] | None) -> Served:
     """What serves now, as the swap board writes it."""
     stable = Serving(info.version, info.source)
@@ -442,11 +459,10 @@ def create_backends(
     ``Settings.model_sources`` (the canary set at start goes to the first), each keeping its
     files in its own ``model_folder``."""
     backends: list[tuple[str, Backend]] = []
-    for number, (name, source) in enumerate(settings.model_sources):
-        update = {"model": source} | ({"canary_model": ""} if number else {})
+    for number, (name, own) in enumerate(settings.per_model()):
         folder = model_folder(run_folder, number)
         backend = create_backend(
-            settings.model_copy(update=update),
+            own,
             plan,
             metrics,
             index=index,

@@ -100,8 +100,7 @@ def build(
             metrics = create_metrics(settings.max_batch_size, registry)
             runtime = {"pid": os.getpid(), "device": device, "torch_threads": plan.torch_threads}
             self.servers: list[ModelServer] = []
-            for number, (name, source) in enumerate(settings.model_sources):
-                own = settings.model_copy(update={"model": source})
+            for number, (name, own) in enumerate(settings.per_model()):
                 runner = ModelRunner(
                     own, metrics, device=device, threads=plan.torch_threads, name=name
                 )

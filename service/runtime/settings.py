@@ -275,6 +275,14 @@ class Settings(BaseSettings):
         ``VIT_MODEL`` alone with no name (the checkpoint names it)."""
         return _parse_models(self.models) or [("", self.model)]
 
+    def per_model(self) -> list[tuple[str, Settings]]:
+        """Each model of ``model_sources`` with the settings it runs under: these, with its own
+        source, and the canary set at start (``VIT_CANARY_MODEL``) for the first only."""
+        return [
+            (name, self.model_copy(update={"model": source} | ({"canary_model": ""} if n else {})))
+            for n, (name, source) in enumerate(self.model_sources)
+        ]
+
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
         if len(self.model_sources) > 1 and (self.model_endpoints or self.model_bind):

@@ -48,6 +48,7 @@ import orjson
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect, Request
 
+from ..backend import version_info
 from ..errors import ApiError, body_timeout
 from ..model.engine import Outcome
 from ..model.geometry import crop_window
@@ -214,17 +215,10 @@ class Oip:
 
 
 def served_model(worker: HttpWorker, name: str, version: str | None) -> tuple[Backend, ModelInfo]:
-    """The model ``name`` names and its info, if it serves ``version`` (None: any); else 404."""
+    """The model ``name`` names and the info of ``version`` of it (None: the stable version's),
+    while it serves; else 404."""
     backend = worker.models.get(name)
-    info = backend.info
-    serving = backend.versions()
-    if version not in (None, "") and version not in serving:
-        now = ", ".join(f"'{v}'" for v in sorted(serving, key=lambda v: (len(v), v)))
-        raise ApiError(
-            404,
-            "unknown_version",
-            f"Model '{name}' has no version '{version}' now; it serves version {now}.",
-        )
+    info = backend.info if version in (None, "") else version_info(backend, str(version))
     return backend, info
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from ..backend import version_info
 from ..errors import ApiError
 from ..metrics import Metrics
 from ..model.engine import Outcome, Work
@@ -33,7 +34,6 @@ from ..model.imaging import (
     image_from_pixels,
     inspect_image,
 )
-from ..model.loading import ModelInfo
 from ..runtime.settings import Settings
 from .cache import Cached, CacheKey, Facts, ResponseCache, cache_key
 from .heatmaps import heatmap_png
@@ -153,7 +153,7 @@ class Pipeline:
             ApiError: the model refused the whole request (not ready, overloaded, failed).
         """
         cache = self.cache
-        info = backend.route(client_key) if version is None else _pinned(backend, version)
+        info = backend.route(client_key) if version is None else version_info(backend, version)
         if not cache.enabled:
             return await self._run(backend, uploads, options, announced, info.version)
         cache.served(info.name, backend.versions())
@@ -291,21 +291,6 @@ class Pipeline:
 
 
 _LOST = ApiError(500, "inference_failed", "The model gave no answer for this image.")
-
-
-def _pinned(backend: Backend, version: str) -> ModelInfo:
-    """The info of ``version`` of the model, while it serves (404 ``unknown_version`` once a
-    change retired it)."""
-    info, canary = backend.info, backend.canary
-    if info.version == version:
-        return info
-    if canary is not None and canary[0].version == version:
-        return canary[0]
-    raise ApiError(
-        404,
-        "unknown_version",
-        f"Model '{info.name}' has no version '{version}' now; it serves version '{info.version}'.",
-    )
 
 
 def _warm_samples() -> list[bytes]:

@@ -127,3 +127,11 @@ def test_each_model_past_the_first_keeps_its_files_in_a_folder_of_its_own(tmp_pa
     assert model_folder(None, 0) is None
     own = model_folder(tmp_path, 2)
     assert own == tmp_path / "model-2" and own.is_dir()
+
+
+def test_each_model_runs_under_its_own_source_and_only_the_first_takes_the_canary() -> None:
+    settings = Settings(models="a=local-dir:/x,b=local-dir:/y", canary_model="local-dir:/c")
+    (first, a), (second, b) = settings.per_model()
+    assert (first, a.model, a.canary_model) == ("a", "local-dir:/x", "local-dir:/c")
+    assert (second, b.model, b.canary_model) == ("b", "local-dir:/y", "")
+    assert a.max_batch_size == b.max_batch_size == settings.max_batch_size
